@@ -1,0 +1,25 @@
+//! The vocabulary of the mesh, shared by every other crate.
+//!
+//! - [`identity`]: SPIFFE workload identities and Istio's principal form.
+//! - [`labels`], [`endpoint`], [`host`]: who serves a service, and how hosts are named.
+//! - [`flags`]: Envoy's response flags, the reason behind every locally generated response.
+//! - [`body`]: the body type every layer speaks.
+//! - [`config`]: Istio's resources, loaded from YAML, validated and compiled into one
+//!   immutable snapshot ([`config::MeshConfig`]).
+//! - [`discovery`]: endpoint sets of a service as values that change over time.
+#![forbid(unsafe_code)]
+
+pub mod body;
+pub mod config;
+pub mod discovery;
+pub mod endpoint;
+pub mod flags;
+pub mod host;
+pub mod identity;
+pub mod labels;
+
+pub use endpoint::Endpoint;
+pub use flags::ResponseFlags;
+pub use host::HostName;
+pub use identity::Identity;
+pub use labels::Labels;
