@@ -114,7 +114,10 @@ impl ResponseFlags {
 
     /// The flag with the given Envoy code (`"UF"`).
     pub fn from_code(code: &str) -> Option<ResponseFlags> {
-        TABLE.iter().find(|(_, c, _)| *c == code).map(|(f, _, _)| *f)
+        TABLE
+            .iter()
+            .find(|(_, c, _)| *c == code)
+            .map(|(f, _, _)| *f)
     }
 
     /// The status a local reply for these flags carries: that of the first flag that has one.
@@ -224,12 +227,30 @@ mod tests {
     fn statuses_follow_envoy() {
         use ResponseFlags as F;
         assert_eq!(F::NO_ROUTE_FOUND.status(), Some(StatusCode::NOT_FOUND));
-        assert_eq!(F::UPSTREAM_CONNECTION_FAILURE.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
-        assert_eq!(F::UPSTREAM_REQUEST_TIMEOUT.status(), Some(StatusCode::GATEWAY_TIMEOUT));
-        assert_eq!(F::RATE_LIMITED.status(), Some(StatusCode::TOO_MANY_REQUESTS));
-        assert_eq!(F::UNAUTHORIZED_EXTERNAL_SERVICE.status(), Some(StatusCode::FORBIDDEN));
-        assert_eq!(F::UPSTREAM_PROTOCOL_ERROR.status(), Some(StatusCode::BAD_GATEWAY));
-        assert_eq!(F::DOWNSTREAM_PROTOCOL_ERROR.status(), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(
+            F::UPSTREAM_CONNECTION_FAILURE.status(),
+            Some(StatusCode::SERVICE_UNAVAILABLE)
+        );
+        assert_eq!(
+            F::UPSTREAM_REQUEST_TIMEOUT.status(),
+            Some(StatusCode::GATEWAY_TIMEOUT)
+        );
+        assert_eq!(
+            F::RATE_LIMITED.status(),
+            Some(StatusCode::TOO_MANY_REQUESTS)
+        );
+        assert_eq!(
+            F::UNAUTHORIZED_EXTERNAL_SERVICE.status(),
+            Some(StatusCode::FORBIDDEN)
+        );
+        assert_eq!(
+            F::UPSTREAM_PROTOCOL_ERROR.status(),
+            Some(StatusCode::BAD_GATEWAY)
+        );
+        assert_eq!(
+            F::DOWNSTREAM_PROTOCOL_ERROR.status(),
+            Some(StatusCode::BAD_REQUEST)
+        );
         assert_eq!(F::DELAY_INJECTED.status(), None);
     }
 

@@ -117,7 +117,10 @@ mod tests {
             HostName::qualify("Reviews.Default.svc.cluster.local.", "other").as_str(),
             "reviews.default.svc.cluster.local"
         );
-        assert_eq!(HostName::qualify("httpbin.org", "default").as_str(), "httpbin.org");
+        assert_eq!(
+            HostName::qualify("httpbin.org", "default").as_str(),
+            "httpbin.org"
+        );
         assert!(HostName::qualify("*.example.com", "default").is_wildcard());
     }
 
@@ -134,8 +137,15 @@ mod tests {
                 "reviews"
             ]
         );
-        assert_eq!(host.aliases("prod").len(), 3, "bare name only from the same namespace");
-        assert_eq!(HostName::qualify("httpbin.org", "x").aliases("x"), ["httpbin.org"]);
+        assert_eq!(
+            host.aliases("prod").len(),
+            3,
+            "bare name only from the same namespace"
+        );
+        assert_eq!(
+            HostName::qualify("httpbin.org", "x").aliases("x"),
+            ["httpbin.org"]
+        );
     }
 
     #[test]

@@ -180,7 +180,10 @@ mod tests {
         assert_eq!(id.namespace(), Some("default"));
         assert_eq!(id.service_account(), Some("reviews"));
         assert_eq!(id.principal(), "cluster.local/ns/default/sa/reviews");
-        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/reviews");
+        assert_eq!(
+            id.to_string(),
+            "spiffe://cluster.local/ns/default/sa/reviews"
+        );
         assert_eq!(
             Identity::from_principal("cluster.local/ns/default/sa/reviews").unwrap(),
             id

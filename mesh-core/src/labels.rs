@@ -64,7 +64,9 @@ mod tests {
 
     #[test]
     fn selector_matches_subset_of_labels() {
-        let labels: Labels = [("app", "reviews"), ("version", "v2")].into_iter().collect();
+        let labels: Labels = [("app", "reviews"), ("version", "v2")]
+            .into_iter()
+            .collect();
         let v2: Labels = [("version", "v2")].into_iter().collect();
         let v1: Labels = [("version", "v1")].into_iter().collect();
         let other_key: Labels = [("tier", "v2")].into_iter().collect();

@@ -4,6 +4,8 @@
 //! - [`labels`], [`endpoint`], [`host`]: who serves a service, and how hosts are named.
 //! - [`flags`]: Envoy's response flags, the reason behind every locally generated response.
 //! - [`body`]: the body type every layer speaks.
+//! - [`error`]: [`ProxyError`], a failure the proxy answers for itself; [`conn`]: what a
+//!   listener knows about the client connection.
 //! - [`config`]: Istio's resources, loaded from YAML, validated and compiled into one
 //!   immutable snapshot ([`config::MeshConfig`]).
 //! - [`discovery`]: endpoint sets of a service as values that change over time.
@@ -11,14 +13,17 @@
 
 pub mod body;
 pub mod config;
+pub mod conn;
 pub mod discovery;
 pub mod endpoint;
+pub mod error;
 pub mod flags;
 pub mod host;
 pub mod identity;
 pub mod labels;
 
 pub use endpoint::Endpoint;
+pub use error::ProxyError;
 pub use flags::ResponseFlags;
 pub use host::HostName;
 pub use identity::Identity;

@@ -1,0 +1,265 @@
+//! `mesh-proxy/v1` `Bootstrap`: this proxy's own settings (one per proxy).
+//!
+//! Defaults are applied while parsing, so every field the proxy reads holds the effective
+//! value and `/config_dump` shows it: `outbound.listen` is `127.0.0.1:15001` when the YAML
+//! says nothing, `terminationDrainDuration` is 5s, and so on (Istio's conventions). Only
+//! sections with no sensible default stay `Option`s: `inbound` (needs the app's address),
+//! `identity` (no mTLS without it), `accessLog`, `tracing`, `discovery`, `register`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::networking::OutboundTrafficMode;
+use super::types::{Duration, Resource, check_percent};
+use crate::labels::Labels;
+
+pub type Bootstrap = Resource<BootstrapSpec>;
+
+/// Istio's inbound capture port.
+pub const DEFAULT_INBOUND_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15006);
+/// Istio's outbound capture port, on loopback: the app calls it as an HTTP proxy.
+pub const DEFAULT_OUTBOUND_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15001);
+/// Istio's (pod-local) admin port.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
+/// Istio's `ProxyConfig.terminationDrainDuration`.
+pub const DEFAULT_TERMINATION_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+/// Istio's default tracing sampling, in percent.
+pub const DEFAULT_TRACE_SAMPLING: f64 = 1.0;
+/// Key prefix under which resources live in etcd.
+pub const DEFAULT_ETCD_PREFIX: &str = "/mesh";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BootstrapSpec {
+    pub workload: WorkloadSettings,
+    pub identity: Option<IdentityFiles>,
+    pub inbound: Option<InboundSettings>,
+    #[serde(default)]
+    pub outbound: OutboundSettings,
+    #[serde(default)]
+    pub admin: AdminSettings,
+    /// Worker threads (Istio's `ProxyConfig.concurrency`); absent or 0: one per core.
+    pub concurrency: Option<u32>,
+    #[serde(default)]
+    pub outbound_traffic_policy: MeshOutboundTrafficPolicy,
+    pub access_log: Option<AccessLogSettings>,
+    pub tracing: Option<TracingSettings>,
+    pub discovery: Option<DiscoverySettings>,
+    /// Publish this workload as a `WorkloadEntry` in etcd (needs `discovery.etcd`).
+    pub register: Option<RegisterSettings>,
+    #[serde(default = "default_drain")]
+    pub termination_drain_duration: Duration,
+}
+
+/// `Resource<S>` lets `spec` be omitted; a Bootstrap without one is then reported as a
+/// missing `workload.name`.
+impl Default for BootstrapSpec {
+    fn default() -> Self {
+        BootstrapSpec {
+            workload: WorkloadSettings {
+                name: String::new(),
+                labels: Labels::default(),
+                service_account: None,
+            },
+            identity: None,
+            inbound: None,
+            outbound: OutboundSettings::default(),
+            admin: AdminSettings::default(),
+            concurrency: None,
+            outbound_traffic_policy: MeshOutboundTrafficPolicy::default(),
+            access_log: None,
+            tracing: None,
+            discovery: None,
+            register: None,
+            termination_drain_duration: default_drain(),
+        }
+    }
+}
+
+/// Who this proxy fronts: the workload's name, labels (its subsets select on them) and
+/// service account (its SPIFFE identity).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadSettings {
+    pub name: String,
+    #[serde(default)]
+    pub labels: Labels,
+    pub service_account: Option<String>,
+}
+
+/// PEM files: this workload's certificate chain and key, and the roots it trusts. Relative
+/// paths are taken from the proxy's working directory.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IdentityFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub trust_bundle: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct InboundSettings {
+    #[serde(default = "default_inbound_listen")]
+    pub listen: SocketAddr,
+    /// Where the local application listens.
+    pub app: SocketAddr,
+    #[serde(default)]
+    pub protocol: InboundProtocol,
+}
+
+/// How inbound connections are treated: sniffed (`auto`) or fixed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InboundProtocol {
+    #[default]
+    Auto,
+    Http,
+    Http2,
+    Tcp,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutboundSettings {
+    #[serde(default = "default_outbound_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for OutboundSettings {
+    fn default() -> Self {
+        OutboundSettings {
+            listen: DEFAULT_OUTBOUND_LISTEN,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AdminSettings {
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings {
+            listen: DEFAULT_ADMIN_LISTEN,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshOutboundTrafficPolicy {
+    pub mode: OutboundTrafficMode,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AccessLogSettings {
+    /// `stdout`, `stderr` or a file path.
+    pub path: String,
+    #[serde(default)]
+    pub encoding: AccessLogEncoding,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AccessLogEncoding {
+    /// Istio's default text line.
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TracingSettings {
+    /// Percent of requests sampled when no upstream decision exists (Istio's default 1.0).
+    #[serde(default = "default_sampling", deserialize_with = "percent_number")]
+    pub sampling: f64,
+    /// OTLP/gRPC collector URL; without it spans are propagated but not exported.
+    pub otlp: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct DiscoverySettings {
+    pub etcd: Option<EtcdSettings>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EtcdSettings {
+    pub endpoints: Vec<String>,
+    /// Resources live at `<prefix>/<group>/<kind>/<namespace>/<name>`.
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RegisterSettings {
+    /// Lease time-to-live: how long a dead proxy's entry outlives it.
+    pub ttl: Duration,
+    /// The address to publish when the inbound listener is on `0.0.0.0`.
+    pub address: Option<IpAddr>,
+}
+
+impl Bootstrap {
+    /// Where the sidecar accepts peers, if it fronts an application.
+    pub fn inbound_listen(&self) -> Option<SocketAddr> {
+        self.spec.inbound.as_ref().map(|i| i.listen)
+    }
+
+    pub fn outbound_listen(&self) -> SocketAddr {
+        self.spec.outbound.listen
+    }
+
+    pub fn admin_listen(&self) -> SocketAddr {
+        self.spec.admin.listen
+    }
+
+    pub fn termination_drain_duration(&self) -> std::time::Duration {
+        self.spec.termination_drain_duration.get()
+    }
+
+    /// The etcd settings, when the proxy watches etcd.
+    pub fn etcd(&self) -> Option<&EtcdSettings> {
+        self.spec.discovery.as_ref()?.etcd.as_ref()
+    }
+}
+
+fn default_inbound_listen() -> SocketAddr {
+    DEFAULT_INBOUND_LISTEN
+}
+
+fn default_outbound_listen() -> SocketAddr {
+    DEFAULT_OUTBOUND_LISTEN
+}
+
+fn default_admin_listen() -> SocketAddr {
+    DEFAULT_ADMIN_LISTEN
+}
+
+fn default_drain() -> Duration {
+    Duration(DEFAULT_TERMINATION_DRAIN)
+}
+
+fn default_sampling() -> f64 {
+    DEFAULT_TRACE_SAMPLING
+}
+
+fn default_etcd_prefix() -> String {
+    DEFAULT_ETCD_PREFIX.to_string()
+}
+
+fn percent_number<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    check_percent(f64::deserialize(d)?).map_err(serde::de::Error::custom)
+}
