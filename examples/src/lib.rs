@@ -1,3 +1,5 @@
-//! Runnable demos of the mesh. See `src/bin/` for the programs and the README for how to run
-//! them.
+//! Runnable demos of the mesh. The programs are in `src/bin/`; the README says how to run
+//! them. This library holds what they share.
 #![forbid(unsafe_code)]
+
+pub mod hello;

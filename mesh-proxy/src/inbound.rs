@@ -1,0 +1,90 @@
+//! The inbound stack: peers call this workload, and the proxy hands requests to the local app.
+//!
+//! ```text
+//! LocalReply → ProxyHeaders → ForwardToApp → Upstream (127.0.0.1:APP_PORT)
+//! ```
+//!
+//! mesh-tls adds TLS termination below the HTTP server and authorization above
+//! `ForwardToApp`; telemetry adds its layers after `LocalReply`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Version};
+
+use crate::upstream::UpstreamTarget;
+
+/// Which HTTP version the proxy speaks to the local app.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AppProtocol {
+    /// The version the client used (Envoy's `useClientProtocol`).
+    #[default]
+    Auto,
+    /// Always HTTP/1.1.
+    Http1,
+    /// Always HTTP/2 with prior knowledge (gRPC apps).
+    Http2,
+}
+
+/// Sends every request to the local app.
+#[derive(Clone, Debug)]
+pub struct ForwardToAppLayer {
+    app: SocketAddr,
+    protocol: AppProtocol,
+    name: Arc<str>,
+}
+
+impl ForwardToAppLayer {
+    pub fn new(app: SocketAddr, protocol: AppProtocol) -> Self {
+        ForwardToAppLayer {
+            app,
+            protocol,
+            name: format!("inbound app {app}").into(),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for ForwardToAppLayer {
+    type Service = ForwardToApp<S>;
+    fn layer(&self, inner: S) -> ForwardToApp<S> {
+        ForwardToApp {
+            layer: self.clone(),
+            inner,
+        }
+    }
+}
+
+/// The service made by [`ForwardToAppLayer`].
+#[derive(Clone, Debug)]
+pub struct ForwardToApp<S> {
+    layer: ForwardToAppLayer,
+    inner: S,
+}
+
+impl<S, B> tower::Service<Request<B>> for ForwardToApp<S>
+where
+    S: tower::Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> S::Future {
+        let http2 = match self.layer.protocol {
+            AppProtocol::Auto => req.version() == Version::HTTP_2,
+            AppProtocol::Http1 => false,
+            AppProtocol::Http2 => true,
+        };
+        req.extensions_mut().insert(UpstreamTarget {
+            addr: self.layer.app,
+            http2,
+            service: self.layer.name.clone(),
+        });
+        self.inner.call(req)
+    }
+}

@@ -1,0 +1,120 @@
+//! A real HTTP backend on loopback, serving HTTP/1.1 and HTTP/2 on one port.
+//!
+//! - `/echo`: streams the request body back as it arrives.
+//! - `/delay?ms=N`: answers after N ms.
+//! - anything else: `hello from NAME`.
+//!
+//! Every response says what the app saw: `x-app` (its name), `x-seen-host`,
+//! `x-seen-version`, `x-seen-xff`, `x-seen-xfp`, `x-seen-request-id`, `x-seen-connection`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use mesh_core::body::{self, BoxBody};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+/// A running app; dropping or [`kill`](App::kill)ing it closes the listener and every
+/// connection, as a crashed process would.
+pub struct App {
+    pub addr: SocketAddr,
+    /// Requests received so far.
+    pub received: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl App {
+    pub async fn start(name: &'static str) -> App {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(AtomicUsize::new(0));
+        let counter = received.clone();
+        let task = tokio::spawn(async move {
+            // Connections live in the JoinSet so that aborting this task closes them all.
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let counter = counter.clone();
+                let svc = hyper::service::service_fn(move |req| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    handle(name, req)
+                });
+                conns.spawn(async move {
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        App {
+            addr,
+            received,
+            task,
+        }
+    }
+
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn handle(
+    name: &'static str,
+    req: Request<Incoming>,
+) -> Result<Response<BoxBody>, std::convert::Infallible> {
+    let seen = |h: &str| {
+        req.headers()
+            .get(h)
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("-"))
+    };
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| HeaderValue::from_str(a.as_str()).unwrap())
+        .unwrap_or_else(|| seen("host"));
+    let info = [
+        ("x-app", HeaderValue::from_static(name)),
+        ("x-seen-host", host),
+        (
+            "x-seen-version",
+            HeaderValue::from_str(&format!("{:?}", req.version())).unwrap(),
+        ),
+        ("x-seen-xff", seen("x-forwarded-for")),
+        ("x-seen-xfp", seen("x-forwarded-proto")),
+        ("x-seen-request-id", seen("x-request-id")),
+        ("x-seen-connection", seen("connection")),
+    ];
+    let mut resp = match req.uri().path() {
+        "/echo" => Response::new(body::boxed(req.into_body())),
+        "/delay" => {
+            let ms: u64 = req
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("ms="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Response::new(body::full(format!("{name} waited {ms} ms")))
+        }
+        _ => Response::new(body::full(format!("hello from {name}"))),
+    };
+    for (k, v) in info {
+        resp.headers_mut().insert(k, v);
+    }
+    Ok(resp)
+}

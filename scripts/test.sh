@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The project's test command (the README's second command; .ci/run calls it).
+# Installs what the tests need, then: format check, clippy with warnings as errors, every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The tests need only the Rust toolchain today (the gRPC test service is written against
+# tonic's runtime API, so no protoc). Later issues add their installs here (etcd, wrk, ...).
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need cargo; then
+    echo "cargo is required (rustup toolchain)" >&2
+    exit 1
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all --check
+
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== one crypto provider: ring must not be in the graph"
+if cargo tree --workspace -e normal,build -i ring >/dev/null 2>&1; then
+    cargo tree --workspace -e normal,build -i ring >&2
+    echo "ring is in the dependency graph; use the aws-lc-rs features" >&2
+    exit 1
+fi
+
+echo "== cargo test"
+cargo test --workspace --locked
