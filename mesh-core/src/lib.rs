@@ -9,6 +9,8 @@
 //! - [`config`]: Istio's resources, loaded from YAML, validated and compiled into one
 //!   immutable snapshot ([`config::MeshConfig`]).
 //! - [`discovery`]: endpoint sets of a service as values that change over time.
+//! - [`target`]: what routing and balancing decide for a request ([`target::RouteTarget`],
+//!   [`target::UpstreamTarget`]) and the compiled retry policy routes hand to resilience.
 #![forbid(unsafe_code)]
 
 pub mod body;
@@ -21,6 +23,7 @@ pub mod flags;
 pub mod host;
 pub mod identity;
 pub mod labels;
+pub mod target;
 
 pub use endpoint::Endpoint;
 pub use error::ProxyError;

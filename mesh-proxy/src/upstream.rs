@@ -31,6 +31,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_core::ProxyError;
 use mesh_core::ResponseFlags;
 use mesh_core::body::{self, BoxBody, BoxError};
+pub use mesh_core::target::UpstreamTarget;
 use tokio::net::TcpStream;
 
 /// Istio's MeshConfig `connectTimeout` default.
@@ -38,17 +39,6 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long an HTTP/1.1 connection may sit unused in the pool before it is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Where a request goes: set by the balancer (outbound) or the inbound forwarder.
-#[derive(Clone, Debug)]
-pub struct UpstreamTarget {
-    pub addr: SocketAddr,
-    /// Speak HTTP/2 (prior knowledge) to this endpoint rather than HTTP/1.1.
-    pub http2: bool,
-    /// Who is being called, for error messages (`reviews.default.svc.cluster.local:9080`,
-    /// or `inbound app`).
-    pub service: Arc<str>,
-}
 
 /// An endpoint and whether it is spoken to over HTTP/2.
 type PoolKey = (SocketAddr, bool);
