@@ -1,8 +1,9 @@
 //! Starting, reconfiguring and draining a proxy.
 //!
-//! [`RunningProxy::start`] binds the admin listener first (so `/ready` answers 503 while the
-//! rest comes up), then the outbound and inbound listeners, publishes the config's endpoints
-//! to discovery, and only then reports ready. [`RunningProxy::shutdown`] is the drain:
+//! [`RunningProxy::start`] binds every listener first (a port conflict fails the start with
+//! nothing left running), serves admin (`/ready` answers 503 until the end of start), then
+//! the outbound and inbound listeners, publishes the config's endpoints to discovery, and only
+//! then reports ready. [`RunningProxy::shutdown`] is the drain:
 //! `/ready` turns 503, listeners stop accepting, in-flight requests get up to the Bootstrap's
 //! `terminationDrainDuration` to finish, then the admin server stops.
 
@@ -117,8 +118,20 @@ impl RunningProxy {
         let (stop_admin, admin_stop_rx) = watch::channel(false);
         let (stop_listeners, stop_rx) = watch::channel(false);
 
+        // Bind everything before serving anything, so a port conflict leaves nothing running.
         let admin_listener = bind("admin", admin_addr).await?;
         let admin = local_addr(&admin_listener, "admin", admin_addr)?;
+        let out_listener = bind("outbound", outbound_addr).await?;
+        let outbound = local_addr(&out_listener, "outbound", outbound_addr)?;
+        let inbound = match inbound {
+            Some((listen, app, protocol)) => {
+                let listener = bind("inbound", listen).await?;
+                let addr = local_addr(&listener, "inbound", listen)?;
+                Some((listener, addr, app, protocol))
+            }
+            None => None,
+        };
+
         let admin_task = tokio::spawn(server::serve(
             "admin",
             admin_listener,
@@ -126,37 +139,21 @@ impl RunningProxy {
             admin_stop_rx,
             Duration::from_secs(1),
         ));
-
         let upstream = Upstream::default();
-        let mut listeners = Vec::new();
-
-        let out_listener = bind("outbound", outbound_addr).await?;
-        let outbound = local_addr(&out_listener, "outbound", outbound_addr)?;
-        let outbound_stack = outbound_stack(&shared, upstream.clone());
-        listeners.push(tokio::spawn(server::serve(
+        let mut listeners = vec![tokio::spawn(server::serve(
             "outbound",
             out_listener,
-            outbound_stack,
+            outbound_stack(&shared, upstream.clone()),
             stop_rx.clone(),
             drain,
-        )));
-
-        let inbound = match inbound {
-            Some((listen, app, protocol)) => {
-                let listener = bind("inbound", listen).await?;
-                let addr = local_addr(&listener, "inbound", listen)?;
-                let stack = inbound_stack(app, protocol, upstream.clone());
-                listeners.push(tokio::spawn(server::serve(
-                    "inbound",
-                    listener,
-                    stack,
-                    stop_rx.clone(),
-                    drain,
-                )));
-                Some(addr)
-            }
-            None => None,
-        };
+        ))];
+        let inbound = inbound.map(|(listener, addr, app, protocol)| {
+            let stack = inbound_stack(app, protocol, upstream.clone());
+            listeners.push(tokio::spawn(server::serve(
+                "inbound", listener, stack, stop_rx, drain,
+            )));
+            addr
+        });
 
         shared.publish_endpoints(&config);
         shared.ready.store(true, Ordering::Release);
@@ -255,4 +252,48 @@ fn inbound_stack(app: SocketAddr, protocol: AppProtocol, upstream: Upstream) -> 
             .layer(ForwardToAppLayer::new(app, protocol))
             .service(upstream),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Request, StatusCode};
+    use mesh_core::body;
+    use mesh_core::config::{Source, load_sources};
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn ready_is_503_until_the_proxy_says_so() {
+        let config = load_sources(&[Source::new(
+            "t.yaml",
+            "apiVersion: mesh-proxy/v1\nkind: Bootstrap\nmetadata: { name: t }\nspec:\n  workload: { name: t }\n",
+        )])
+        .unwrap();
+        let shared = Arc::new(Shared {
+            config: Arc::new(ArcSwap::new(Arc::new(config))),
+            endpoints: Arc::default(),
+            ready: AtomicBool::new(false),
+        });
+        let admin = crate::admin::service(shared.clone());
+        let ready = || Request::get("/ready").body(body::empty()).unwrap();
+        let resp = admin.clone().oneshot(ready()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        shared.ready.store(true, Ordering::Release);
+        let resp = admin.oneshot(ready()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_port_conflict_fails_the_start_naming_the_listener() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let yaml = format!(
+            "apiVersion: mesh-proxy/v1\nkind: Bootstrap\nmetadata: {{ name: t }}\nspec:\n  workload: {{ name: t }}\n  outbound: {{ listen: \"127.0.0.1:{port}\" }}\n  admin: {{ listen: \"127.0.0.1:0\" }}\n"
+        );
+        let config = load_sources(&[Source::new("t.yaml", yaml)]).unwrap();
+        let err = RunningProxy::start(Arc::new(config)).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("outbound listener"), "{msg}");
+        assert!(msg.contains(&format!("127.0.0.1:{port}")), "{msg}");
+    }
 }

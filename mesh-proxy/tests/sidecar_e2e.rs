@@ -364,3 +364,41 @@ async fn admin_reports_readiness_liveness_and_config() {
         "outbound closed after drain"
     );
 }
+
+#[tokio::test]
+async fn draining_turns_ready_to_503_while_in_flight_requests_finish() {
+    let app = App::start("slow").await;
+    let proxy = start_proxy(&format!(
+        "{}{}",
+        bootstrap("client", None),
+        service_entry("slow", 80, "HTTP", &[app.addr])
+    ))
+    .await;
+    let (outbound, admin) = (proxy.outbound_addr().unwrap(), proxy.admin_addr());
+    let http = http1_client();
+    let in_flight = {
+        let http = http.clone();
+        tokio::spawn(async move { http.request(get(outbound, "slow", "/delay?ms=1500")).await })
+    };
+    while app.received.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let drain = tokio::spawn(proxy.shutdown());
+
+    // Admin stays up through the drain and says "not ready" while the request is in flight.
+    let mut saw_503 = false;
+    while !in_flight.is_finished() {
+        if let Ok(resp) = http.request(get(admin, "admin", "/ready")).await {
+            if resp.status() == StatusCode::SERVICE_UNAVAILABLE {
+                saw_503 = true;
+                break;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(saw_503, "/ready answered 503 during the drain");
+    let resp = in_flight.await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(text(resp).await, "slow waited 1500 ms");
+    drain.await.unwrap();
+}
