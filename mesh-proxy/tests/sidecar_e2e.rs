@@ -388,11 +388,11 @@ async fn draining_turns_ready_to_503_while_in_flight_requests_finish() {
     // Admin stays up through the drain and says "not ready" while the request is in flight.
     let mut saw_503 = false;
     while !in_flight.is_finished() {
-        if let Ok(resp) = http.request(get(admin, "admin", "/ready")).await {
-            if resp.status() == StatusCode::SERVICE_UNAVAILABLE {
-                saw_503 = true;
-                break;
-            }
+        if let Ok(resp) = http.request(get(admin, "admin", "/ready")).await
+            && resp.status() == StatusCode::SERVICE_UNAVAILABLE
+        {
+            saw_503 = true;
+            break;
         }
         tokio::task::yield_now().await;
     }
