@@ -5,11 +5,11 @@
 //! - anything else: `hello from NAME`.
 //!
 //! Every response says what the app saw: `x-app` (its name), `x-seen-host`,
-//! `x-seen-version`, `x-seen-xff`, `x-seen-xfp`, `x-seen-request-id`, `x-seen-connection`.
+//! `x-seen-path`, `x-seen-version`, `x-seen-end-user`, `x-seen-xff`, `x-seen-xfp`, `x-seen-request-id`, `x-seen-connection`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
@@ -26,6 +26,8 @@ pub struct App {
     pub addr: SocketAddr,
     /// Requests received so far.
     pub received: Arc<AtomicUsize>,
+    /// `(host, path and query)` of every request received, in order.
+    pub seen: Arc<Mutex<Vec<(String, String)>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -34,7 +36,9 @@ impl App {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let received = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
         let counter = received.clone();
+        let log = seen.clone();
         let task = tokio::spawn(async move {
             // Connections live in the JoinSet so that aborting this task closes them all.
             let mut conns = JoinSet::new();
@@ -43,7 +47,25 @@ impl App {
                     continue;
                 };
                 let counter = counter.clone();
-                let svc = hyper::service::service_fn(move |req| {
+                let log = log.clone();
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let host = req
+                        .uri()
+                        .authority()
+                        .map(|a| a.to_string())
+                        .or_else(|| {
+                            req.headers()
+                                .get("host")
+                                .and_then(|h| h.to_str().ok())
+                                .map(str::to_owned)
+                        })
+                        .unwrap_or_default();
+                    let path = req
+                        .uri()
+                        .path_and_query()
+                        .map(|p| p.to_string())
+                        .unwrap_or_default();
+                    log.lock().unwrap().push((host, path));
                     counter.fetch_add(1, Ordering::SeqCst);
                     handle(name, req)
                 });
@@ -57,6 +79,7 @@ impl App {
         App {
             addr,
             received,
+            seen,
             task,
         }
     }
@@ -90,6 +113,11 @@ async fn handle(
     let info = [
         ("x-app", HeaderValue::from_static(name)),
         ("x-seen-host", host),
+        (
+            "x-seen-path",
+            HeaderValue::from_str(req.uri().path_and_query().map_or("/", |p| p.as_str())).unwrap(),
+        ),
+        ("x-seen-end-user", seen("end-user")),
         (
             "x-seen-version",
             HeaderValue::from_str(&format!("{:?}", req.version())).unwrap(),

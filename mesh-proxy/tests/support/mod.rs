@@ -44,6 +44,22 @@ spec:
 /// A STATIC ServiceEntry for `host` on `port` (protocol `protocol`) served at `endpoints`
 /// (with none, by a workload selector that matches nothing).
 pub fn service_entry(host: &str, port: u16, protocol: &str, endpoints: &[SocketAddr]) -> String {
+    let labeled: Vec<_> = endpoints.iter().map(|ep| (*ep, "")).collect();
+    service_entry_with(host, port, protocol, &labeled)
+}
+
+/// A STATIC ServiceEntry whose endpoints carry `app: HOST, version: VERSION` labels, for
+/// DestinationRule subsets.
+pub fn service_entry_labeled(host: &str, port: u16, endpoints: &[(SocketAddr, &str)]) -> String {
+    service_entry_with(host, port, "HTTP", endpoints)
+}
+
+fn service_entry_with(
+    host: &str,
+    port: u16,
+    protocol: &str,
+    endpoints: &[(SocketAddr, &str)],
+) -> String {
     let mut out = format!(
         "---
 apiVersion: networking.istio.io/v1
@@ -54,19 +70,24 @@ spec:
   ports: [{{ number: {port}, name: p{port}, protocol: {protocol} }}]
   resolution: STATIC
   location: MESH_INTERNAL
-{}
-",
-        // With no endpoints, select workloads that are not registered (yet): the service
-        // exists but has nobody to serve it.
-        if endpoints.is_empty() {
-            format!("  workloadSelector: {{ labels: {{ app: {host} }} }}")
-        } else {
-            "  endpoints:".to_string()
-        }
+"
     );
-    for ep in endpoints {
+    if endpoints.is_empty() {
+        // The service exists but selects workloads that are not registered (yet).
         out.push_str(&format!(
-            "  - {{ address: \"{}\", ports: {{ p{port}: {} }} }}\n",
+            "  workloadSelector: {{ labels: {{ app: {host} }} }}\n"
+        ));
+        return out;
+    }
+    out.push_str("  endpoints:\n");
+    for (ep, version) in endpoints {
+        let labels = if version.is_empty() {
+            String::new()
+        } else {
+            format!(", labels: {{ app: {host}, version: {version} }}")
+        };
+        out.push_str(&format!(
+            "  - {{ address: \"{}\", ports: {{ p{port}: {} }}{labels} }}\n",
             ep.ip(),
             ep.port()
         ));
@@ -131,4 +152,58 @@ pub async fn text(resp: http::Response<hyper::body::Incoming>) -> String {
     use http_body_util::BodyExt;
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// A VirtualService `name` for host `name` with the given `http:` routes (YAML list items,
+/// indented by two spaces).
+pub fn virtual_service(name: &str, http: &str) -> String {
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: {name} }}
+spec:
+  hosts: [{name}]
+  http:
+{http}"
+    )
+}
+
+/// Sends `total` requests built by `make` through `concurrency` workers and counts the
+/// responses by `key(status, headers)`.
+pub async fn tally<F, K>(
+    client: &Client,
+    total: usize,
+    concurrency: usize,
+    make: F,
+    key: K,
+) -> std::collections::BTreeMap<String, usize>
+where
+    F: Fn() -> http::Request<mesh_core::body::BoxBody> + Send + Sync + 'static,
+    K: Fn(http::StatusCode, &http::HeaderMap) -> String + Send + Sync + 'static,
+{
+    let make = Arc::new(make);
+    let key = Arc::new(key);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, make, key, next) = (client.clone(), make.clone(), key.clone(), next.clone());
+        workers.spawn(async move {
+            let mut counts = std::collections::BTreeMap::<String, usize>::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+                let resp = client.request(make()).await.unwrap();
+                let k = key(resp.status(), resp.headers());
+                text(resp).await;
+                *counts.entry(k).or_default() += 1;
+            }
+            counts
+        });
+    }
+    let mut all = std::collections::BTreeMap::new();
+    while let Some(counts) = workers.join_next().await {
+        for (k, n) in counts.unwrap() {
+            *all.entry(k).or_default() += n;
+        }
+    }
+    all
 }
