@@ -357,3 +357,140 @@ fn a_document_must_be_a_resource_mapping() {
         assert_eq!((e.document, e.line), (Some(1), Some(1)), "{e}");
     }
 }
+
+#[test]
+fn routing_rules_are_checked() {
+    // Each: one HTTP route (under `VS_HEAD`), the field path of the error, part of its message.
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "  - route: [{destination: {host: reviews}}]\n    retries: {attempts: 3, retryOn: '5xx,sometimes'}\n",
+            "spec.http[0].retries.retryOn",
+            "unknown retryOn condition \"sometimes\"",
+        ),
+        (
+            "  - route: [{destination: {host: reviews}}]\n    redirect: {uri: /x}\n",
+            "spec.http[0]",
+            "route and redirect are mutually exclusive",
+        ),
+        (
+            "  - directResponse: {status: 200}\n    route: [{destination: {host: reviews}}]\n",
+            "spec.http[0]",
+            "route and directResponse are mutually exclusive",
+        ),
+        (
+            "  - redirect: {uri: /x}\n    rewrite: {uri: /y}\n",
+            "spec.http[0].rewrite",
+            "rewrite cannot be used with redirect",
+        ),
+        (
+            "  - directResponse: {status: 200}\n    mirror: {host: shadow}\n",
+            "spec.http[0].mirror",
+            "mirror cannot be used with directResponse",
+        ),
+        (
+            "  - route: [{destination: {host: reviews}}]\n    mirrorPercentage: {value: 50}\n",
+            "spec.http[0].mirrorPercentage",
+            "mirrorPercentage applies to `mirror`, which is not set",
+        ),
+        (
+            "  - route: [{destination: {host: reviews}}]\n    mirror: {host: shadow}\n    mirrorPercent: 150\n",
+            "spec.http[0].mirrorPercent",
+            "percentage 150 is not in 0..=100",
+        ),
+        (
+            "  - route: [{destination: {host: reviews}}]\n    mirrors: [{destination: {host: shadow}, percentage: {value: 101}}]\n",
+            "spec.http[0].mirrors[0].percentage",
+            "percentage 101 is not in 0..=100",
+        ),
+        (
+            "  - route: [{destination: {host: reviews}}]\n    fault: {abort: {grpcStatus: BROKEN}}\n",
+            "spec.http[0].fault.abort.grpcStatus",
+            "unknown gRPC status `BROKEN`",
+        ),
+        (
+            "  - route: [{destination: {host: reviews}}]\n    fault: {delay: {exponentialDelay: 1s}}\n",
+            "spec.http[0].fault.delay.exponentialDelay",
+            "exponentialDelay is not supported",
+        ),
+        (
+            "  - route: [{destination: {host: reviews}}]\n    redirect: {uri: /x, redirectCode: 300}\n",
+            "spec.http[0]",
+            "mutually exclusive",
+        ),
+        (
+            "  - redirect: {uri: /x, redirectCode: 305}\n",
+            "spec.http[0].redirect.redirectCode",
+            "redirect code 305 is not supported",
+        ),
+        (
+            "  - redirect: {uri: /x, port: 8080, derivePort: FROM_REQUEST_PORT}\n",
+            "spec.http[0].redirect",
+            "port and derivePort are mutually exclusive",
+        ),
+        (
+            "  - route: [{destination: {host: reviews}}]\n    rewrite: {uri: '/a b'}\n",
+            "spec.http[0].rewrite.uri",
+            "is not a valid URI path",
+        ),
+        (
+            "  - route: [{destination: {host: reviews}}]\n    rewrite: {authority: 'bad host'}\n",
+            "spec.http[0].rewrite.authority",
+            "is not a valid authority",
+        ),
+        (
+            "  - route: [{destination: {host: reviews}}]\n    headers: {request: {set: {'bad header': x}}}\n",
+            "spec.http[0].headers.request.set.bad header",
+            "is not a valid HTTP header name",
+        ),
+        (
+            "  - route:\n    - destination: {host: reviews}\n      headers: {response: {add: {x-a: \"line\\nbreak\"}}}\n",
+            "spec.http[0].route[0].headers.response.add.x-a",
+            "is not a valid HTTP header value",
+        ),
+        (
+            "  - route: [{destination: {host: reviews}}]\n    headers: {request: {set: {':path': /x}}}\n",
+            "spec.http[0].headers.request.set.:path",
+            "cannot be set with a header operation",
+        ),
+        (
+            "  - route: [{destination: {host: reviews}}]\n    corsPolicy: {allowMethods: ['GET, POST']}\n",
+            "spec.http[0].corsPolicy.allowMethods[0]",
+            "no commas",
+        ),
+        (
+            "  - route: [{destination: {host: reviews}}]\n    match: [{headers: {'@request.auth.claims.group': {exact: a}}}]\n",
+            "spec.http[0].match[0].headers.@request.auth.claims.group",
+            "needs RequestAuthentication",
+        ),
+    ];
+    for (route, path, message) in cases {
+        let text = format!("{VS_HEAD}{route}");
+        let errors = errors(&[("test.yaml", &text)]);
+        let found = errors
+            .iter()
+            .find(|e| e.path.as_deref() == Some(*path) && e.message.contains(message));
+        let Some(e) = found else {
+            panic!("expected `{message}` at {path}, got:\n{errors}")
+        };
+        assert_eq!(e.file, "test.yaml");
+        assert_eq!(e.document, Some(1));
+        assert!(e.line.is_some(), "no line: {e}");
+    }
+}
+
+#[test]
+fn valid_routing_rules_load() {
+    let text = format!(
+        "{VS_HEAD}  - match: [{{uri: {{prefix: /v1}}}}]
+    rewrite: {{uri: /, authority: 'backend:8080'}}
+    retries: {{attempts: 2, retryOn: 'gateway-error,connect-failure,503'}}
+    headers: {{request: {{set: {{host: other, x-a: '1'}}, remove: [':path', x-b]}}}}
+    fault: {{abort: {{grpcStatus: UNAVAILABLE}}}}
+    mirror: {{host: shadow}}
+    mirrorPercentage: {{value: 10}}
+    route: [{{destination: {{host: reviews}}}}]
+  - redirect: {{uri: /x, scheme: https, port: 8443, redirectCode: 308}}
+"
+    );
+    config::load_sources(&[Source::new("ok.yaml", text)]).unwrap_or_else(|e| panic!("{e}"));
+}

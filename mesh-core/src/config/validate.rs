@@ -10,13 +10,14 @@ use std::net::IpAddr;
 
 use super::bootstrap::BootstrapSpec;
 use super::networking::{
-    ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, Destination, DestinationRuleSpec,
-    GatewaySpec, HttpMatchRequest, HttpRoute, LoadBalancerSettings, OutlierDetection, Resolution,
-    ServerTlsMode, ServiceEntrySpec, SidecarSpec, TrafficPolicy, VirtualServiceSpec,
-    WorkloadEntrySpec,
+    ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, CorsPolicy, Destination,
+    DestinationRuleSpec, GatewaySpec, HeaderOperations, Headers, HttpMatchRequest, HttpRedirect,
+    HttpRewrite, HttpRoute, LoadBalancerSettings, OutlierDetection, Resolution, ServerTlsMode,
+    ServiceEntrySpec, SidecarSpec, TrafficPolicy, VirtualServiceSpec, WorkloadEntrySpec,
 };
 use super::security::{AuthorizationAction, AuthorizationPolicySpec, PeerAuthenticationSpec};
 use super::types::Duration;
+use crate::target::RetryOn;
 
 /// Findings for one resource: (field path, message).
 #[derive(Debug, Default)]
@@ -106,14 +107,10 @@ fn http_route(p: &str, r: &HttpRoute, out: &mut Issues) {
     for (j, d) in r.route.iter().enumerate() {
         destination(&format!("{p}.route[{j}].destination"), &d.destination, out);
     }
-    if let Some(code) = r.redirect.as_ref().and_then(|x| x.redirect_code)
-        && !(300..=399).contains(&code)
-    {
-        out.add(
-            format!("{p}.redirect.redirectCode"),
-            format!("redirect code {code} is not a 3xx status"),
-        );
+    if let Some(redirect) = &r.redirect {
+        http_redirect(&format!("{p}.redirect"), redirect, out);
     }
+    local_answer_only(p, r, out);
     if let Some(direct) = &r.direct_response
         && !(200..=599).contains(&direct.status)
     {
@@ -123,20 +120,23 @@ fn http_route(p: &str, r: &HttpRoute, out: &mut Issues) {
         );
     }
     if let Some(rewrite) = &r.rewrite {
-        out.one_of(
-            &format!("{p}.rewrite"),
-            &[
-                ("uri", rewrite.uri.is_some()),
-                ("uriRegexRewrite", rewrite.uri_regex_rewrite.is_some()),
-            ],
-            false,
-        );
+        http_rewrite(&format!("{p}.rewrite"), rewrite, out);
     }
     if let Some(retries) = &r.retries {
         out.positive(
             format!("{p}.retries.perTryTimeout"),
             retries.per_try_timeout,
         );
+        if let Some(Err(e)) = retries.retry_on.as_deref().map(RetryOn::parse) {
+            out.add(format!("{p}.retries.retryOn"), e.to_string());
+        }
+    }
+    header_operations(&format!("{p}.headers"), r.headers.as_ref(), out);
+    for (j, d) in r.route.iter().enumerate() {
+        header_operations(&format!("{p}.route[{j}].headers"), d.headers.as_ref(), out);
+    }
+    if let Some(cors) = &r.cors_policy {
+        cors_policy(&format!("{p}.corsPolicy"), cors, out);
     }
     if let Some(fault) = &r.fault {
         let fp = format!("{p}.fault");
@@ -152,6 +152,20 @@ fn http_route(p: &str, r: &HttpRoute, out: &mut Issues) {
                     ("exponentialDelay", delay.exponential_delay.is_some()),
                 ],
                 true,
+            );
+            if delay.exponential_delay.is_some() {
+                out.add(
+                    format!("{dp}.exponentialDelay"),
+                    "exponentialDelay is not supported (Istio does not implement it either); use fixedDelay",
+                );
+            }
+            out.one_of(
+                &dp,
+                &[
+                    ("percentage", delay.percentage.is_some()),
+                    ("percent", delay.percent.is_some()),
+                ],
+                false,
             );
             out.positive(format!("{dp}.fixedDelay"), delay.fixed_delay);
             out.at_most_100(format!("{dp}.percent"), delay.percent);
@@ -173,9 +187,49 @@ fn http_route(p: &str, r: &HttpRoute, out: &mut Issues) {
                     format!("status {status} is not in 200..=599"),
                 );
             }
+            if let Some(name) = abort
+                .grpc_status
+                .as_deref()
+                .filter(|name| !GRPC_STATUS_NAMES.contains(name))
+            {
+                out.add(
+                    format!("{ap}.grpcStatus"),
+                    format!(
+                        "unknown gRPC status `{name}` (expected one of {})",
+                        GRPC_STATUS_NAMES.join(", ")
+                    ),
+                );
+            }
+            if abort.http2_error.is_some() {
+                out.add(
+                    format!("{ap}.http2Error"),
+                    "http2Error is not supported (Istio does not implement it either); use httpStatus or grpcStatus",
+                );
+            }
         }
     }
     out.at_most_100(format!("{p}.mirrorPercent"), r.mirror_percent);
+    out.one_of(
+        p,
+        &[
+            ("mirrorPercentage", r.mirror_percentage.is_some()),
+            ("mirrorPercent", r.mirror_percent.is_some()),
+        ],
+        false,
+    );
+    if r.mirror.is_none() {
+        for (field, set) in [
+            ("mirrorPercentage", r.mirror_percentage.is_some()),
+            ("mirrorPercent", r.mirror_percent.is_some()),
+        ] {
+            if set {
+                out.add(
+                    format!("{p}.{field}"),
+                    format!("{field} applies to `mirror`, which is not set (each of `mirrors` has its own `percentage`)"),
+                );
+            }
+        }
+    }
     if let Some(mirror) = &r.mirror {
         destination(&format!("{p}.mirror"), mirror, out);
     }
@@ -198,6 +252,206 @@ fn http_match(p: &str, m: &HttpMatchRequest, out: &mut Issues) {
                 out.add(
                     format!("{p}.{field}.{name}"),
                     format!("header name `{name}` must be lower-case"),
+                );
+            } else if name.starts_with("@request.auth.claims") {
+                out.add(
+                    format!("{p}.{field}.{name}"),
+                    "matching JWT claims needs RequestAuthentication, which is not supported",
+                );
+            } else if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                out.add(
+                    format!("{p}.{field}.{name}"),
+                    format!("`{name}` is not a valid HTTP header name"),
+                );
+            }
+        }
+    }
+    if m.query_params.keys().any(String::is_empty) {
+        out.add(
+            format!("{p}.queryParams"),
+            "a query parameter name must not be empty",
+        );
+    }
+}
+
+/// gRPC status names Istio accepts in `fault.abort.grpcStatus`.
+const GRPC_STATUS_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// A redirect or direct response answers locally: nothing is forwarded, so a rewrite or a
+/// mirror on the same route could never apply (Istio rejects rewrite with redirect too).
+fn local_answer_only(p: &str, r: &HttpRoute, out: &mut Issues) {
+    let local = match (&r.redirect, &r.direct_response) {
+        (Some(_), _) => "redirect",
+        (None, Some(_)) => "directResponse",
+        (None, None) => return,
+    };
+    for (field, set) in [
+        ("rewrite", r.rewrite.is_some()),
+        ("mirror", r.mirror.is_some()),
+        ("mirrors", !r.mirrors.is_empty()),
+    ] {
+        if set {
+            out.add(
+                format!("{p}.{field}"),
+                format!(
+                    "{field} cannot be used with {local}: the route answers without forwarding"
+                ),
+            );
+        }
+    }
+}
+
+fn http_redirect(p: &str, r: &HttpRedirect, out: &mut Issues) {
+    if let Some(code) = r.redirect_code
+        && !matches!(code, 301 | 302 | 303 | 307 | 308)
+    {
+        out.add(
+            format!("{p}.redirectCode"),
+            format!("redirect code {code} is not supported (use 301, 302, 303, 307 or 308)"),
+        );
+    }
+    out.one_of(
+        p,
+        &[
+            ("port", r.port.is_some()),
+            ("derivePort", r.derive_port.is_some()),
+        ],
+        false,
+    );
+    if let Some(uri) = &r.uri {
+        uri_path(&format!("{p}.uri"), uri, out);
+    }
+    if let Some(authority) = &r.authority {
+        uri_authority(&format!("{p}.authority"), authority, out);
+    }
+    if let Some(scheme) = r.scheme.as_deref()
+        && (scheme.is_empty()
+            || !scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            || !scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+    {
+        out.add(
+            format!("{p}.scheme"),
+            format!("`{scheme}` is not a URI scheme"),
+        );
+    }
+}
+
+fn http_rewrite(p: &str, rewrite: &HttpRewrite, out: &mut Issues) {
+    out.one_of(
+        p,
+        &[
+            ("uri", rewrite.uri.is_some()),
+            ("uriRegexRewrite", rewrite.uri_regex_rewrite.is_some()),
+        ],
+        false,
+    );
+    if let Some(uri) = rewrite.uri.as_deref().filter(|u| !u.is_empty()) {
+        uri_path(&format!("{p}.uri"), uri, out);
+    }
+    if let Some(regex) = &rewrite.uri_regex_rewrite
+        && http::uri::PathAndQuery::try_from(format!("/{}", regex.rewrite)).is_err()
+    {
+        out.add(
+            format!("{p}.uriRegexRewrite.rewrite"),
+            format!("`{}` has characters a URI path cannot hold", regex.rewrite),
+        );
+    }
+    if let Some(authority) = &rewrite.authority {
+        uri_authority(&format!("{p}.authority"), authority, out);
+    }
+}
+
+fn uri_path(p: &str, path: &str, out: &mut Issues) {
+    if http::uri::PathAndQuery::try_from(path).is_err() {
+        out.add(p, format!("`{path}` is not a valid URI path"));
+    }
+}
+
+fn uri_authority(p: &str, authority: &str, out: &mut Issues) {
+    if http::uri::Authority::try_from(authority).is_err()
+        || http::HeaderValue::from_str(authority).is_err()
+    {
+        out.add(
+            p,
+            format!("`{authority}` is not a valid authority (host[:port])"),
+        );
+    }
+}
+
+/// Header names and values must be valid HTTP, so routes apply them without parsing.
+fn header_operations(p: &str, headers: Option<&Headers>, out: &mut Issues) {
+    let Some(headers) = headers else {
+        return;
+    };
+    for (direction, ops) in [
+        ("request", &headers.request),
+        ("response", &headers.response),
+    ] {
+        let Some(HeaderOperations { set, add, remove }) = ops else {
+            continue;
+        };
+        for (op, map) in [("set", set), ("add", add)] {
+            for (name, value) in map {
+                let path = format!("{p}.{direction}.{op}.{name}");
+                let authority = name.eq_ignore_ascii_case("host") || name == ":authority";
+                if authority && direction == "request" {
+                    uri_authority(&path, value, out);
+                    continue;
+                }
+                if name.starts_with(':') || authority {
+                    out.add(
+                        path,
+                        format!("`{name}` cannot be set with a header operation"),
+                    );
+                } else if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    out.add(path, format!("`{name}` is not a valid HTTP header name"));
+                } else if http::HeaderValue::from_str(value).is_err() {
+                    out.add(path, format!("`{value}` is not a valid HTTP header value"));
+                }
+            }
+        }
+        for (i, name) in remove.iter().enumerate() {
+            if !name.starts_with(':') && http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                out.add(
+                    format!("{p}.{direction}.remove[{i}]"),
+                    format!("`{name}` is not a valid HTTP header name"),
+                );
+            }
+        }
+    }
+}
+
+fn cors_policy(p: &str, cors: &CorsPolicy, out: &mut Issues) {
+    for (field, items) in [
+        ("allowMethods", &cors.allow_methods),
+        ("allowHeaders", &cors.allow_headers),
+        ("exposeHeaders", &cors.expose_headers),
+    ] {
+        for (i, item) in items.iter().enumerate() {
+            if item.is_empty() || item.contains(',') || http::HeaderValue::from_str(item).is_err() {
+                out.add(
+                    format!("{p}.{field}[{i}]"),
+                    format!("`{item}` is not a valid entry (one name, no commas)"),
                 );
             }
         }

@@ -1,0 +1,526 @@
+//! The route table: per virtual host (host and port), the ordered HTTP routes, compiled from
+//! VirtualServices, DestinationRules and ServiceEntries for one proxy.
+//!
+//! Building resolves everything that is static for the proxy, so a request only looks up
+//! and matches:
+//! - VirtualServices apply when exported to the proxy's namespace and bound to its gateways
+//!   (`gateways` empty or `mesh` for a sidecar). Match blocks whose `port` differs from the
+//!   virtual host's, or whose `sourceLabels` / `sourceNamespace` / `gateways` cannot match
+//!   this proxy, are dropped; a route left with no block is dropped (it can never match).
+//! - Every ServiceEntry port is a virtual host. One VirtualService serves a host: the first
+//!   loaded that names it exactly, else the most specific wildcard one; later ones naming the
+//!   same host are ignored for it, with a warning (Istio merges VirtualServices only on
+//!   gateways). A host no VirtualService routes (or whose VirtualService has no route left for
+//!   this proxy and port) gets one default route to itself, Istio's default route.
+//! - A VirtualService host that no ServiceEntry defines gets a virtual host on port 80 only:
+//!   Istio builds sidecar routes for services it knows, plus port 80 for other names so a
+//!   VirtualService can steer traffic for external names; any other port of such a host is
+//!   not routed (404 NR).
+//! - Delegation (`delegate`) is expanded into the delegating route, as Istio merges them.
+//!
+//! Lookup is one hash probe on the lower-cased host (every alias a client may use,
+//! `HostName::aliases`), then a scan of that host's few ports; wildcard hosts are tried after,
+//! most specific first. Nothing allocates on a hit.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use http::Request;
+use mesh_core::config::networking::{HttpMatchRequest, HttpRoute, VirtualService};
+use mesh_core::config::{MeshConfig, ServicePort};
+use mesh_core::host::{HostName, split_authority};
+use mesh_core::labels::Labels;
+use mesh_core::{ProxyError, ResponseFlags};
+
+use crate::authority::request_authority;
+use crate::delegate;
+use crate::destination::Resolver;
+use crate::matcher::{MatchBlock, QuickKey, QuickPrefix, RequestView};
+use crate::route::RouteRule;
+
+/// Who this proxy is, as far as routing cares.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceContext {
+    /// The proxy's namespace: where short names resolve, what `exportTo` and
+    /// `sourceNamespace` are checked against.
+    pub namespace: String,
+    /// The proxy's workload labels, for `sourceLabels` and DestinationRule
+    /// `workloadSelector`s.
+    pub labels: Labels,
+    /// The gateways this proxy is, as `namespace/name`; empty for a sidecar (Istio's implicit
+    /// `mesh`).
+    pub gateways: Vec<String>,
+}
+
+impl SourceContext {
+    /// A sidecar in `namespace` with workload `labels`.
+    pub fn sidecar(namespace: impl Into<String>, labels: Labels) -> SourceContext {
+        SourceContext {
+            namespace: namespace.into(),
+            labels,
+            gateways: Vec::new(),
+        }
+    }
+
+    /// The sidecar `config`'s Bootstrap describes (its namespace and workload labels); a
+    /// config without a Bootstrap is a sidecar in the default namespace with no labels.
+    pub fn from_config(config: &MeshConfig) -> SourceContext {
+        SourceContext::sidecar(
+            config.proxy_namespace(),
+            config
+                .bootstrap()
+                .map(|b| b.spec.workload.labels.clone())
+                .unwrap_or_default(),
+        )
+    }
+
+    /// Whether a VirtualService in `namespace` naming `gateway` addresses this proxy.
+    fn is_gateway(&self, gateway: &str, namespace: &str) -> bool {
+        if gateway == "mesh" {
+            return self.gateways.is_empty() || self.gateways.iter().any(|g| g == "mesh");
+        }
+        match gateway.split_once('/') {
+            Some(_) => self.gateways.iter().any(|g| g == gateway),
+            None => self.gateways.iter().any(|g| {
+                g.split_once('/')
+                    .is_some_and(|(ns, name)| ns == namespace && name == gateway)
+            }),
+        }
+    }
+
+    /// Istio's `sourceMatchHTTP`: a block's `gateways` decide alone when set; otherwise its
+    /// `sourceLabels` must select this proxy and `sourceNamespace` be its namespace.
+    fn selects(&self, m: &HttpMatchRequest, vs_namespace: &str) -> bool {
+        if !m.gateways.is_empty() {
+            return m.gateways.iter().any(|g| self.is_gateway(g, vs_namespace));
+        }
+        self.labels.matches(&m.source_labels)
+            && m.source_namespace
+                .as_deref()
+                .is_none_or(|ns| ns == self.namespace)
+    }
+}
+
+/// A host and port's routes.
+#[derive(Debug)]
+pub(crate) struct VirtualHost {
+    /// `host:port`, for messages.
+    name: Arc<str>,
+    routes: Arc<Routes>,
+}
+
+/// Ordered routes, with each one's necessary path prefix side by side for a fast scan.
+#[derive(Debug)]
+struct Routes {
+    quick: Box<[QuickPrefix]>,
+    rules: Box<[Arc<RouteRule>]>,
+}
+
+impl Routes {
+    fn new(rules: Vec<RouteRule>) -> Routes {
+        Routes {
+            quick: rules
+                .iter()
+                .map(|r| QuickPrefix::for_blocks(&r.blocks))
+                .collect(),
+            rules: rules.into_iter().map(Arc::new).collect(),
+        }
+    }
+}
+
+/// The routing decisions for every host this proxy knows: per host and port (every alias a
+/// client may use), the ordered HTTP routes with their destinations resolved. Hosts of
+/// ServiceEntries without a VirtualService get a default route to themselves; VirtualService
+/// hosts that no ServiceEntry defines are routed on port 80 only. Share it as
+/// `Arc<ArcSwap<RouteTable>>` with [`RouteLayer`](crate::RouteLayer) and swap in a rebuilt
+/// one when the configuration changes.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    hosts: HashMap<Box<str>, Vec<(u16, Arc<VirtualHost>)>>,
+    /// Most specific first.
+    wildcards: Vec<(Box<str>, u16, Arc<VirtualHost>)>,
+    warnings: Vec<String>,
+}
+
+/// The route a request matched.
+#[derive(Clone, Debug)]
+pub struct Selection {
+    pub(crate) route: Arc<RouteRule>,
+    pub(crate) block: usize,
+}
+
+impl Selection {
+    /// The route's `name`, if it has one (`default` for a service's default route).
+    pub fn route_name(&self) -> Option<&str> {
+        self.route.name.as_deref()
+    }
+
+    /// The `name` of the match block that matched, if it has one.
+    pub fn match_name(&self) -> Option<&str> {
+        self.route.blocks.get(self.block)?.name.as_deref()
+    }
+}
+
+impl RouteTable {
+    /// Compiles the routes of `config` as the proxy `source` sees them. Infallible on a
+    /// validated config; what can only be judged across resources (a second VirtualService
+    /// for a host, a delegate that does not exist, a mirror to an unknown host) is logged
+    /// and listed in [`warnings`](Self::warnings).
+    pub fn build(config: &MeshConfig, source: &SourceContext) -> RouteTable {
+        Builder::new(config, source).build()
+    }
+
+    /// What was ignored while building, one line each.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// How many (name, port) pairs route, aliases included.
+    pub fn len(&self) -> usize {
+        self.hosts.values().map(Vec::len).sum::<usize>() + self.wildcards.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Finds the route for a request: the virtual host of its authority (URI authority,
+    /// else `Host`; no port is 80), then the first route with a matching block.
+    ///
+    /// Errors: 404 `NR` when no virtual host serves the authority, or when one does but none
+    /// of its routes matches.
+    pub fn select<B>(&self, req: &Request<B>) -> Result<Selection, ProxyError> {
+        let authority = request_authority(req);
+        let (host, port) =
+            split_authority(authority).ok_or_else(|| ProxyError::no_route(authority))?;
+        // Clients send lower-case hosts almost always; only the rare other case allocates.
+        let lowered;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = host.to_ascii_lowercase();
+            lowered.as_str()
+        } else {
+            host
+        };
+        let vhost = self
+            .virtual_host(host, port)
+            .ok_or_else(|| ProxyError::no_route(authority))?;
+        let view = RequestView::new(req, authority);
+        let routes = &vhost.routes;
+        let key = QuickKey::new(view.path_and_query);
+        routes
+            .quick
+            .iter()
+            .zip(routes.rules.iter())
+            .filter(|(quick, _)| quick.admits(&key))
+            .find_map(|(_, route)| {
+                route.matching_block(&view).map(|block| Selection {
+                    route: route.clone(),
+                    block,
+                })
+            })
+            .ok_or_else(|| {
+                ProxyError::new(
+                    ResponseFlags::NO_ROUTE_FOUND,
+                    format_args!(
+                        "no route: no route of {} matches {} {}",
+                        vhost.name, view.method, view.path
+                    ),
+                )
+            })
+    }
+
+    fn virtual_host(&self, host: &str, port: u16) -> Option<&VirtualHost> {
+        let by_name = self
+            .hosts
+            .get(host)
+            .and_then(|ports| ports.iter().find(|(p, _)| *p == port));
+        match by_name {
+            Some((_, vhost)) => Some(vhost),
+            None => self
+                .wildcards
+                .iter()
+                .find(|(pattern, p, _)| *p == port && wildcard_matches(pattern, host))
+                .map(|(_, _, vhost)| &**vhost),
+        }
+    }
+
+    /// Adds `host:port` unless it is there already (the first definition wins).
+    fn insert(&mut self, host: &str, port: u16, vhost: &Arc<VirtualHost>) {
+        if host.starts_with('*') {
+            if !self
+                .wildcards
+                .iter()
+                .any(|(h, p, _)| &**h == host && *p == port)
+            {
+                self.wildcards.push((host.into(), port, vhost.clone()));
+            }
+            return;
+        }
+        let ports = self.hosts.entry(host.into()).or_default();
+        if !ports.iter().any(|(p, _)| *p == port) {
+            ports.push((port, vhost.clone()));
+        }
+    }
+}
+
+/// Istio's `exportTo`: empty or `*` is everywhere, `.` the resource's own namespace, `~`
+/// nowhere, anything else a namespace name.
+pub(crate) fn exported_to(export_to: &[String], own: &str, namespace: &str) -> bool {
+    export_to.is_empty()
+        || export_to
+            .iter()
+            .any(|e| e == "*" || e == namespace || (e == "." && own == namespace))
+}
+
+/// `*.example.com` matches `api.example.com` (not `example.com`); `*` matches anything.
+pub(crate) fn wildcard_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+        None => pattern == host,
+    }
+}
+
+struct Builder<'a> {
+    config: &'a MeshConfig,
+    source: &'a SourceContext,
+    resolver: Resolver<'a>,
+    /// The VirtualServices that apply to this proxy, in load order.
+    virtual_services: Vec<&'a VirtualService>,
+    /// Compiled routes per (virtual service, port); `None`: no route survived.
+    compiled: HashMap<(usize, u16), Option<Arc<Routes>>>,
+    table: RouteTable,
+}
+
+impl<'a> Builder<'a> {
+    fn new(config: &'a MeshConfig, source: &'a SourceContext) -> Builder<'a> {
+        let virtual_services = config
+            .virtual_services()
+            .iter()
+            .filter(|vs| !vs.spec.hosts.is_empty())
+            .filter(|vs| exported_to(&vs.spec.export_to, vs.namespace(), &source.namespace))
+            .filter(|vs| {
+                if vs.spec.gateways.is_empty() {
+                    source.is_gateway("mesh", vs.namespace())
+                } else {
+                    vs.spec
+                        .gateways
+                        .iter()
+                        .any(|g| source.is_gateway(g, vs.namespace()))
+                }
+            })
+            .collect();
+        Builder {
+            config,
+            source,
+            resolver: Resolver::new(config, source),
+            virtual_services,
+            compiled: HashMap::new(),
+            table: RouteTable::default(),
+        }
+    }
+
+    fn warn(&mut self, message: String) {
+        tracing::warn!("{message}");
+        self.table.warnings.push(message);
+    }
+
+    fn build(mut self) -> RouteTable {
+        // Which VirtualService serves each host name.
+        let mut exact: HashMap<&'a str, usize> = HashMap::new();
+        let mut wildcard: Vec<(&'a str, usize)> = Vec::new();
+        for (i, vs) in self.virtual_services.clone().into_iter().enumerate() {
+            for host in &vs.spec.hosts {
+                if host.starts_with('*') {
+                    wildcard.push((host, i));
+                } else if let Some(first) = exact.get(host.as_str()) {
+                    let first = self.virtual_services[*first];
+                    if !std::ptr::eq(first, vs) {
+                        self.warn(format!(
+                            "VirtualService {}/{} also routes {host}, which VirtualService {}/{} routes; ignored for that host",
+                            vs.namespace(),
+                            vs.name(),
+                            first.namespace(),
+                            first.name()
+                        ));
+                    }
+                } else {
+                    exact.insert(host, i);
+                }
+            }
+        }
+        // Longest pattern first: the most specific wildcard wins.
+        wildcard.sort_by_key(|(host, _)| std::cmp::Reverse(host.len()));
+        let vs_for = |host: &str| {
+            exact.get(host).copied().or_else(|| {
+                wildcard
+                    .iter()
+                    .find(|(pattern, _)| wildcard_matches(pattern, host))
+                    .map(|(_, i)| *i)
+            })
+        };
+
+        // Every service port, then the aliases of their names.
+        let registry = self.resolver.registry();
+        let mut service_hosts = HashSet::new();
+        let mut named = Vec::new();
+        for service in registry.iter() {
+            service_hosts.insert(service.host.as_str());
+            let routes = vs_for(service.host.as_str())
+                .and_then(|i| self.routes_for(i, service.number))
+                .unwrap_or_else(|| self.default_routes(service));
+            let vhost = Arc::new(VirtualHost {
+                name: format!("{}:{}", service.host, service.number).into(),
+                routes,
+            });
+            self.table
+                .insert(service.host.as_str(), service.number, &vhost);
+            named.push((&service.host, service.number, vhost));
+        }
+
+        // VirtualService hosts outside the registry: port 80 only (Istio's sidecar rule).
+        let mut external = Vec::new();
+        for (host, i) in exact
+            .iter()
+            .map(|(h, i)| (*h, *i))
+            .chain(wildcard.iter().copied())
+        {
+            let known = if host.starts_with('*') {
+                service_hosts.iter().any(|s| wildcard_matches(host, s))
+            } else {
+                service_hosts.contains(host)
+            };
+            if !known && let Some(routes) = self.routes_for(i, 80) {
+                let name = HostName::qualify(host, self.virtual_services[i].namespace());
+                let vhost = Arc::new(VirtualHost {
+                    name: format!("{host}:80").into(),
+                    routes,
+                });
+                self.table.insert(host, 80, &vhost);
+                external.push((name, vhost));
+            }
+        }
+        let namespace = self.resolver.namespace().to_string();
+        for (host, port, vhost) in &named {
+            if !host.is_wildcard() {
+                for alias in host.aliases(&namespace) {
+                    self.table.insert(&alias, *port, vhost);
+                }
+            }
+        }
+        for (host, vhost) in &external {
+            if !host.is_wildcard() {
+                for alias in host.aliases(&namespace) {
+                    self.table.insert(&alias, 80, vhost);
+                }
+            }
+        }
+        self.table
+            .wildcards
+            .sort_by_key(|(pattern, _, _)| std::cmp::Reverse(pattern.len()));
+        self.table
+    }
+
+    fn default_routes(&mut self, service: &Arc<ServicePort>) -> Arc<Routes> {
+        let retry = self
+            .resolver
+            .retry(mesh_core::target::RetryPolicy::istio_default());
+        let target = self
+            .resolver
+            .target(service, service.host.as_str(), None, None, &retry);
+        Arc::new(Routes::new(vec![RouteRule::default_route(target)]))
+    }
+
+    /// The routes of virtual service `i` for a virtual host on `port`.
+    fn routes_for(&mut self, i: usize, port: u16) -> Option<Arc<Routes>> {
+        if let Some(done) = self.compiled.get(&(i, port)) {
+            return done.clone();
+        }
+        let vs = self.virtual_services[i];
+        let mut rules = Vec::new();
+        for route in &vs.spec.http {
+            match &route.delegate {
+                None => self.compile_route(vs, route, port, &mut rules),
+                Some(d) => {
+                    let namespace = d.namespace.as_deref().unwrap_or(vs.namespace());
+                    let target = self
+                        .config
+                        .virtual_services()
+                        .iter()
+                        .find(|t| t.name() == d.name && t.namespace() == namespace);
+                    let Some(target) = target else {
+                        self.warn(format!(
+                            "VirtualService {}/{}: delegate {namespace}/{} does not exist; its route is left out",
+                            vs.namespace(),
+                            vs.name(),
+                            d.name
+                        ));
+                        continue;
+                    };
+                    for merged in delegate::merge(route, &target.spec.http) {
+                        self.compile_route(vs, &merged, port, &mut rules);
+                    }
+                }
+            }
+        }
+        let routes = (!rules.is_empty()).then(|| Arc::new(Routes::new(rules)));
+        self.compiled.insert((i, port), routes.clone());
+        routes
+    }
+
+    fn compile_route(
+        &mut self,
+        vs: &VirtualService,
+        route: &HttpRoute,
+        port: u16,
+        out: &mut Vec<RouteRule>,
+    ) {
+        let blocks = if route.r#match.is_empty() {
+            vec![MatchBlock::catch_all()]
+        } else {
+            let blocks: Vec<MatchBlock> = route
+                .r#match
+                .iter()
+                .filter(|m| m.port.is_none_or(|p| p.get() == port))
+                .filter(|m| self.source.selects(m, vs.namespace()))
+                .map(MatchBlock::compile)
+                .collect();
+            if blocks.is_empty() {
+                return;
+            }
+            blocks
+        };
+        out.push(RouteRule::compile(route, blocks, port, &mut self.resolver));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards_and_export_rules() {
+        assert!(wildcard_matches("*.example.com", "api.example.com"));
+        assert!(!wildcard_matches("*.example.com", "example.com"));
+        assert!(wildcard_matches("*", "anything"));
+        let e = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(exported_to(&[], "a", "b"));
+        assert!(exported_to(&e(&["."]), "a", "a"));
+        assert!(!exported_to(&e(&["."]), "a", "b"));
+        assert!(!exported_to(&e(&["~"]), "a", "a"));
+    }
+
+    #[test]
+    fn gateways_resolve_in_the_virtual_services_namespace() {
+        let sidecar = SourceContext::sidecar("default", Labels::new());
+        assert!(sidecar.is_gateway("mesh", "x"));
+        assert!(!sidecar.is_gateway("public", "x"));
+        let gateway = SourceContext {
+            gateways: vec!["istio-system/public".into()],
+            ..SourceContext::default()
+        };
+        assert!(!gateway.is_gateway("mesh", "x"));
+        assert!(gateway.is_gateway("istio-system/public", "x"));
+        assert!(gateway.is_gateway("public", "istio-system"));
+        assert!(!gateway.is_gateway("public", "default"));
+    }
+}
