@@ -4,6 +4,8 @@
 //!   and while draining (so an orchestrator stops sending traffic first).
 //! - `GET /live`: 200 while the process runs.
 //! - `GET /config_dump`: the effective configuration as JSON.
+//! - `GET /clusters`: every balanced service (and subset) with its endpoints, named
+//!   `address:port`, and their live figures (weight, in-flight, EWMA latency, health).
 //!
 //! Reads are GET (or HEAD); anything else answers 405, as Envoy refuses mutations by GET.
 
@@ -27,11 +29,11 @@ pub fn service(shared: Arc<Shared>) -> HttpService {
 
 fn handle(shared: &Shared, req: &Request<BoxBody>) -> Response<BoxBody> {
     let path = req.uri().path();
-    let known = matches!(path, "/ready" | "/live" | "/config_dump");
+    let known = matches!(path, "/ready" | "/live" | "/config_dump" | "/clusters");
     if !known {
         return text(
             StatusCode::NOT_FOUND,
-            "unknown admin path; try /ready, /live, /config_dump\n",
+            "unknown admin path; try /ready, /live, /config_dump, /clusters\n",
         );
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -41,23 +43,25 @@ fn handle(shared: &Shared, req: &Request<BoxBody>) -> Response<BoxBody> {
         "/ready" if shared.is_ready() => text(StatusCode::OK, "LIVE\n"),
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "NOT READY\n"),
         "/live" => text(StatusCode::OK, "LIVE\n"),
-        _ => {
-            let dump = shared.config().to_json();
-            match serde_json::to_vec_pretty(&dump) {
-                Ok(json) => {
-                    let mut r = Response::new(body::full(json));
-                    r.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        header::HeaderValue::from_static("application/json"),
-                    );
-                    r
-                }
-                Err(e) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &format!("cannot render config: {e}\n"),
-                ),
-            }
+        "/clusters" => json(&shared.clusters()),
+        _ => json(&shared.config().to_json()),
+    }
+}
+
+fn json(value: &impl serde::Serialize) -> Response<BoxBody> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(json) => {
+            let mut r = Response::new(body::full(json));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            r
         }
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot render JSON: {e}\n"),
+        ),
     }
 }
 

@@ -12,8 +12,24 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Version};
+use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
 
-use crate::upstream::UpstreamTarget;
+use crate::headers::ProxyHeadersLayer;
+use crate::local_reply::LocalReplyLayer;
+use crate::server::HttpService;
+use crate::upstream::{Upstream, UpstreamTarget};
+
+/// Builds the inbound stack: every request goes to the local app at `app`.
+pub fn stack(app: SocketAddr, protocol: AppProtocol, upstream: Upstream) -> HttpService {
+    BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .layer(LocalReplyLayer)
+            .layer(ProxyHeadersLayer)
+            .layer(ForwardToAppLayer::new(app, protocol))
+            .service(upstream),
+    )
+}
 
 /// Which HTTP version the proxy speaks to the local app.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -16,7 +16,6 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod balance;
 pub mod headers;
 pub mod inbound;
 pub mod local_reply;

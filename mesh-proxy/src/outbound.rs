@@ -1,111 +1,55 @@
 //! The outbound stack: the local app calls another service through this proxy.
 //!
 //! ```text
-//! LocalReply → ProxyHeaders → ResolveService → RoundRobin → Upstream
+//! LocalReply → ProxyHeaders → Route → RequestTimeout → Retry → Balance → RecordEndpoint
+//!   → Upstream
 //! ```
 //!
-//! [`ResolveService`] finds the service the client asked for, by the request's authority
-//! (absolute-form URI or HTTP/2 `:authority`, else `Host`; no port means 80), in the
-//! current config snapshot, and attaches it as a [`Destination`]. An unknown host answers
-//! 404 `NR`. The routing issue puts `VirtualService` routing here; balancing policies replace
-//! [`RoundRobin`](crate::balance::RoundRobin).
+//! [`Route`](mesh_routing::RouteLayer) finds the virtual host by the request's authority
+//! (absolute-form URI or HTTP/2 `:authority`, else `Host`; no port means 80), applies the
+//! VirtualService (matches, faults, redirects, rewrites, header operations, mirrors, weighted
+//! destinations) and attaches a `RouteTarget`; an unknown host answers 404 `NR`.
+//! [`Balance`](mesh_routing::balance::BalanceLayer) picks an endpoint of the target's subset
+//! by the DestinationRule's policy (default: P2C over peak EWMA) and attaches an
+//! `UpstreamTarget`; [`Upstream`] sends it. Between routing and balancing, the route's
+//! `timeout` bounds the whole request (504 `UT`) and its retry policy (Istio's default when it
+//! sets none) retries within a proxy-wide retry budget (20% of requests + 10/s over 10 s);
+//! `RecordEndpoint` tells the retry layer which endpoint each attempt went to.
 
-use std::future::Ready;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
-use futures::future::Either;
-use http::Request;
-use mesh_core::ProxyError;
-use mesh_core::body::BoxError;
-use mesh_core::config::{MeshConfig, ServicePort};
-use mesh_core::host::split_authority;
+use mesh_resilience::budget::RetryBudget;
+use mesh_resilience::previous::RecordEndpointLayer;
+use mesh_resilience::retry::RetryLayer;
+use mesh_resilience::timeout::RequestTimeoutLayer;
+use mesh_routing::balance::BalanceLayer;
+use mesh_routing::{RouteLayer, RouteTable};
+use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
 
-/// The service a request is for, chosen by [`ResolveService`].
-#[derive(Clone, Debug)]
-pub struct Destination {
-    pub service: Arc<ServicePort>,
-}
+use crate::headers::ProxyHeadersLayer;
+use crate::local_reply::LocalReplyLayer;
+use crate::server::HttpService;
+use crate::upstream::Upstream;
 
-/// Resolves the request's authority to a service; see the module docs.
-#[derive(Clone, Debug)]
-pub struct ResolveServiceLayer {
-    config: Arc<ArcSwap<MeshConfig>>,
-}
-
-impl ResolveServiceLayer {
-    /// Reads the config through `config`, so a swapped snapshot applies to the next request.
-    pub fn new(config: Arc<ArcSwap<MeshConfig>>) -> Self {
-        ResolveServiceLayer { config }
-    }
-}
-
-impl<S> tower::Layer<S> for ResolveServiceLayer {
-    type Service = ResolveService<S>;
-    fn layer(&self, inner: S) -> ResolveService<S> {
-        ResolveService {
-            config: self.config.clone(),
-            inner,
-        }
-    }
-}
-
-/// The service made by [`ResolveServiceLayer`].
-#[derive(Clone, Debug)]
-pub struct ResolveService<S> {
-    config: Arc<ArcSwap<MeshConfig>>,
-    inner: S,
-}
-
-impl<S, B> tower::Service<Request<B>> for ResolveService<S>
-where
-    S: tower::Service<Request<B>, Error = BoxError>,
-{
-    type Response = S::Response;
-    type Error = BoxError;
-    type Future = Either<Ready<Result<S::Response, BoxError>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        match self.resolve(&req) {
-            Ok(service) => {
-                req.extensions_mut().insert(Destination { service });
-                Either::Right(self.inner.call(req))
-            }
-            Err(e) => Either::Left(std::future::ready(Err(e.into()))),
-        }
-    }
-}
-
-impl<S> ResolveService<S> {
-    fn resolve<B>(&self, req: &Request<B>) -> Result<Arc<ServicePort>, ProxyError> {
-        let authority = match req.uri().authority() {
-            Some(a) => a.as_str(),
-            None => req
-                .headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or(""),
-        };
-        let (host, port) =
-            split_authority(authority).ok_or_else(|| ProxyError::no_route(authority))?;
-        // Clients send lower-case hosts almost always; only the rare other case allocates.
-        let lowered;
-        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
-            lowered = host.to_ascii_lowercase();
-            lowered.as_str()
-        } else {
-            host
-        };
-        let config = self.config.load();
-        config
-            .services()
-            .lookup(host, port)
-            .cloned()
-            .ok_or_else(|| ProxyError::no_route(authority))
-    }
+/// Builds the outbound stack over the proxy's swappable route table, its balancer and its
+/// retry budget.
+pub fn stack(
+    routes: &Arc<ArcSwap<RouteTable>>,
+    balancer: &BalanceLayer,
+    budget: &Arc<RetryBudget>,
+    upstream: Upstream,
+) -> HttpService {
+    BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .layer(LocalReplyLayer)
+            .layer(ProxyHeadersLayer)
+            .layer(RouteLayer::new(routes.clone()))
+            .layer(RequestTimeoutLayer)
+            .layer(RetryLayer::new(budget.clone()))
+            .layer(balancer.clone())
+            .layer(RecordEndpointLayer)
+            .service(upstream),
+    )
 }

@@ -18,15 +18,14 @@ use mesh_core::discovery::{EndpointPublisher, ServiceKey};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tower::ServiceBuilder;
-use tower::util::BoxCloneSyncService;
 
-use crate::balance::RoundRobinLayer;
-use crate::headers::ProxyHeadersLayer;
-use crate::inbound::{AppProtocol, ForwardToAppLayer};
-use crate::local_reply::LocalReplyLayer;
-use crate::outbound::ResolveServiceLayer;
-use crate::server::{self, HttpService};
+use mesh_resilience::budget::RetryBudget;
+use mesh_routing::balance::BalanceLayer;
+use mesh_routing::{RouteTable, SourceContext};
+
+use crate::inbound::{self, AppProtocol};
+use crate::outbound;
+use crate::server;
 use crate::upstream::Upstream;
 
 /// Why a proxy could not start.
@@ -50,7 +49,11 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Shared {
     config: Arc<ArcSwap<MeshConfig>>,
+    /// The route table compiled from `config`, swapped with it.
+    routes: Arc<ArcSwap<RouteTable>>,
     endpoints: Arc<EndpointPublisher>,
+    /// One balancer for the proxy's life, so per-endpoint state survives reloads.
+    balancer: BalanceLayer,
     ready: AtomicBool,
 }
 
@@ -61,6 +64,30 @@ impl Shared {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Per-endpoint balancer state, for admin `/clusters`.
+    pub fn clusters(&self) -> Vec<mesh_routing::balance::ClusterStatus> {
+        self.balancer.clusters()
+    }
+
+    fn new(config: Arc<MeshConfig>) -> Shared {
+        let endpoints = Arc::new(EndpointPublisher::default());
+        Shared {
+            routes: Arc::new(ArcSwap::from_pointee(build_routes(&config))),
+            config: Arc::new(ArcSwap::new(config)),
+            balancer: BalanceLayer::new(endpoints.clone()),
+            endpoints,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Applies `config` to new requests: endpoints first, so that routes never point at a
+    /// service whose endpoints are not published yet.
+    fn apply(&self, config: Arc<MeshConfig>) {
+        self.publish_endpoints(&config);
+        self.routes.store(Arc::new(build_routes(&config)));
+        self.config.store(config);
     }
 
     fn publish_endpoints(&self, config: &MeshConfig) {
@@ -110,11 +137,7 @@ impl RunningProxy {
             .map(|i| Ok((i.listen, i.app, app_protocol(i.protocol)?)))
             .transpose()?;
 
-        let shared = Arc::new(Shared {
-            config: Arc::new(ArcSwap::new(config.clone())),
-            endpoints: Arc::new(EndpointPublisher::default()),
-            ready: AtomicBool::new(false),
-        });
+        let shared = Arc::new(Shared::new(config.clone()));
         let (stop_admin, admin_stop_rx) = watch::channel(false);
         let (stop_listeners, stop_rx) = watch::channel(false);
 
@@ -143,12 +166,17 @@ impl RunningProxy {
         let mut listeners = vec![tokio::spawn(server::serve(
             "outbound",
             out_listener,
-            outbound_stack(&shared, upstream.clone()),
+            outbound::stack(
+                &shared.routes,
+                &shared.balancer,
+                &Arc::new(RetryBudget::default()),
+                upstream.clone(),
+            ),
             stop_rx.clone(),
             drain,
         ))];
         let inbound = inbound.map(|(listener, addr, app, protocol)| {
-            let stack = inbound_stack(app, protocol, upstream.clone());
+            let stack = inbound::stack(app, protocol, upstream.clone());
             listeners.push(tokio::spawn(server::serve(
                 "inbound", listener, stack, stop_rx, drain,
             )));
@@ -185,8 +213,7 @@ impl RunningProxy {
     /// Applies a new configuration to new requests; requests in flight finish on the old one.
     /// Listener addresses are fixed at start.
     pub fn apply_config(&self, config: Arc<MeshConfig>) {
-        self.shared.publish_endpoints(&config);
-        self.shared.config.store(config);
+        self.shared.apply(config);
     }
 
     /// Drains: `/ready` turns 503, listeners stop accepting, in-flight requests finish (up to
@@ -231,27 +258,13 @@ fn app_protocol(
     }
 }
 
-/// The outbound stack; see [`crate::outbound`].
-fn outbound_stack(shared: &Arc<Shared>, upstream: Upstream) -> HttpService {
-    BoxCloneSyncService::new(
-        ServiceBuilder::new()
-            .layer(LocalReplyLayer)
-            .layer(ProxyHeadersLayer)
-            .layer(ResolveServiceLayer::new(shared.config.clone()))
-            .layer(RoundRobinLayer::new(shared.endpoints.clone()))
-            .service(upstream),
-    )
-}
-
-/// The inbound stack; see [`crate::inbound`].
-fn inbound_stack(app: SocketAddr, protocol: AppProtocol, upstream: Upstream) -> HttpService {
-    BoxCloneSyncService::new(
-        ServiceBuilder::new()
-            .layer(LocalReplyLayer)
-            .layer(ProxyHeadersLayer)
-            .layer(ForwardToAppLayer::new(app, protocol))
-            .service(upstream),
-    )
+/// Compiles the routes of `config` for this proxy (its namespace and workload labels).
+fn build_routes(config: &MeshConfig) -> RouteTable {
+    let table = RouteTable::build(config, &SourceContext::from_config(config));
+    for warning in table.warnings() {
+        tracing::warn!("{warning}");
+    }
+    table
 }
 
 #[cfg(test)]
@@ -269,11 +282,7 @@ mod tests {
             "apiVersion: mesh-proxy/v1\nkind: Bootstrap\nmetadata: { name: t }\nspec:\n  workload: { name: t }\n",
         )])
         .unwrap();
-        let shared = Arc::new(Shared {
-            config: Arc::new(ArcSwap::new(Arc::new(config))),
-            endpoints: Arc::default(),
-            ready: AtomicBool::new(false),
-        });
+        let shared = Arc::new(Shared::new(Arc::new(config)));
         let admin = crate::admin::service(shared.clone());
         let ready = || Request::get("/ready").body(body::empty()).unwrap();
         let resp = admin.clone().oneshot(ready()).await.unwrap();
