@@ -494,3 +494,44 @@ fn valid_routing_rules_load() {
     );
     config::load_sources(&[Source::new("ok.yaml", text)]).unwrap_or_else(|e| panic!("{e}"));
 }
+
+#[test]
+fn two_virtual_services_for_one_mesh_host_conflict() {
+    let vs = |name: &str, host: &str, gateways: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: {name} }}
+spec:
+  hosts: [{host}]{gateways}
+  http:
+  - route: [{{ destination: {{ host: {host} }} }}]
+"
+        )
+    };
+    // The same host written two ways, both for the mesh.
+    let first = vs("reviews-a", "reviews", "");
+    let second = vs("reviews-b", "reviews.default.svc.cluster.local", "");
+    let errs = errors(&[("a.yaml", &first), ("b.yaml", &second)]);
+    let [error] = errs.errors() else {
+        panic!("expected one error, got:\n{errs}");
+    };
+    assert_eq!(error.file, "b.yaml");
+    assert_eq!(error.path.as_deref(), Some("spec.hosts[0]"));
+    assert_eq!(error.line, Some(5));
+    assert!(
+        error.message.contains("VirtualService default/reviews-a"),
+        "{error}"
+    );
+    assert!(error.message.contains("a.yaml"), "{error}");
+
+    // Gateway-bound VirtualServices for the same host merge, as Istio merges them.
+    let gw = vs("reviews-gw", "reviews", "\n  gateways: [bookinfo-gateway]");
+    assert!(
+        config::load_sources(&[
+            Source::new("a.yaml", first.as_str()),
+            Source::new("g.yaml", gw.as_str())
+        ])
+        .is_ok()
+    );
+}

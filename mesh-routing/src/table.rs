@@ -8,9 +8,10 @@
 //!   virtual host's, or whose `sourceLabels` / `sourceNamespace` / `gateways` cannot match
 //!   this proxy, are dropped; a route left with no block is dropped (it can never match).
 //! - Every ServiceEntry port is a virtual host. One VirtualService serves a host: the first
-//!   loaded that names it exactly, else the most specific wildcard one; later ones naming the
-//!   same host are ignored for it, with a warning (Istio merges VirtualServices only on
-//!   gateways). A host no VirtualService routes (or whose VirtualService has no route left for
+//!   loaded that names it exactly, else the most specific wildcard one. Two binding the same
+//!   host to the mesh are rejected at load (Istio merges VirtualServices only on gateways);
+//!   should a config reach the table with one anyway, the later one is ignored for that host,
+//!   with a warning. A host no VirtualService routes (or whose VirtualService has no route left for
 //!   this proxy and port) gets one default route to itself, Istio's default route.
 //! - A VirtualService host that no ServiceEntry defines gets a virtual host on port 80 only:
 //!   Istio builds sidecar routes for services it knows, plus port 80 for other names so a
@@ -163,9 +164,9 @@ impl Selection {
 
 impl RouteTable {
     /// Compiles the routes of `config` as the proxy `source` sees them. Infallible on a
-    /// validated config; what can only be judged across resources (a second VirtualService
-    /// for a host, a delegate that does not exist, a mirror to an unknown host) is logged
-    /// and listed in [`warnings`](Self::warnings).
+    /// validated config; what can only be judged across resources (a delegate that does not
+    /// exist, a mirror to an unknown host) is logged and listed in
+    /// [`warnings`](Self::warnings).
     pub fn build(config: &MeshConfig, source: &SourceContext) -> RouteTable {
         Builder::new(config, source).build()
     }

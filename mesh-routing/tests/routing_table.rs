@@ -395,31 +395,8 @@ fn virtual_service_hosts_outside_the_registry_route_on_port_80_only() {
     assert!(t.select(&get("api.example.com:8080", "/")).is_err());
 }
 
-#[test]
-fn a_second_virtual_service_for_a_host_is_ignored_with_a_warning() {
-    let t = table(&format!(
-        "{VS}metadata: {{ name: first }}
-spec:
-  hosts: [reviews]
-  http: [{{ name: first, route: [{{ destination: {{ host: reviews }} }}] }}]
----
-{VS}metadata: {{ name: second }}
-spec:
-  hosts: [reviews]
-  http: [{{ name: second, route: [{{ destination: {{ host: reviews }} }}] }}]
-"
-    ));
-    assert_eq!(
-        t.select(&get("reviews:9080", "/")).unwrap().route_name(),
-        Some("first")
-    );
-    assert_eq!(t.warnings().len(), 1, "{:?}", t.warnings());
-    assert!(
-        t.warnings()[0].contains("default/second"),
-        "{:?}",
-        t.warnings()
-    );
-}
+// Two VirtualServices binding one host to the mesh are rejected at load (mesh-core's
+// `two_virtual_services_for_one_mesh_host_conflict`), so the table never sees them.
 
 #[test]
 fn wildcard_virtual_services_cover_matching_services() {

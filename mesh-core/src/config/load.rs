@@ -487,6 +487,35 @@ impl<'a> Loader<'a> {
                 ));
             }
         }
+        // Sidecars route a host by one VirtualService only (Istio merges VirtualServices for
+        // the same host on gateways, never for the mesh), so a second one binding the same
+        // host to the mesh is a conflict, reported on the later one.
+        let mut mesh_hosts: HashMap<&str, &Resource<VirtualServiceSpec>> = HashMap::new();
+        for vs in &self.resources.virtual_services {
+            let for_mesh =
+                vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
+            if !for_mesh {
+                continue;
+            }
+            for (i, host) in vs.spec.hosts.iter().enumerate() {
+                match mesh_hosts.get(host.as_str()) {
+                    Some(first) => found.push((
+                        vs.origin.clone(),
+                        format!("VirtualService {}", vs.name()),
+                        format!("spec.hosts[{i}]"),
+                        format!(
+                            "host `{host}` is already routed by VirtualService {}/{} ({}); sidecars use one VirtualService per host, so merge their routes",
+                            first.namespace(),
+                            first.name(),
+                            first.origin
+                        ),
+                    )),
+                    None => {
+                        mesh_hosts.insert(host.as_str(), vs);
+                    }
+                }
+            }
+        }
         // WorkloadEntries picked by a STATIC ServiceEntry must have IP addresses.
         for se in &self.resources.service_entries {
             let Some(selector) = &se.spec.workload_selector else {
