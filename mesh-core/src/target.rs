@@ -12,7 +12,7 @@
 //! in them is compiled at config load: the request path reads fields, it never parses.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::config::ServicePort;
@@ -55,6 +55,42 @@ pub struct UpstreamTarget {
     /// Who is being called, for error messages (`reviews.default.svc.cluster.local:9080`,
     /// or `inbound app 127.0.0.1:9080`).
     pub service: Arc<str>,
+}
+
+/// The endpoints a request's attempts have gone to, in order; shared by all its attempts.
+///
+/// The retry layer puts one into every attempt of a retriable request; the balancer avoids
+/// the addresses in it while others remain (Envoy's `previous_hosts` predicate, which Istio
+/// enables by default); the layer below the balancer records where each attempt went.
+#[derive(Clone, Debug, Default)]
+pub struct PreviousAttempts {
+    addrs: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+impl PreviousAttempts {
+    /// Notes that an attempt went to `addr` (once per address).
+    pub fn record(&self, addr: SocketAddr) {
+        let mut addrs = self.addrs.lock().unwrap_or_else(PoisonError::into_inner);
+        if !addrs.contains(&addr) {
+            addrs.push(addr);
+        }
+    }
+
+    /// Whether an earlier attempt went to `addr`.
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        self.addrs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&addr)
+    }
+
+    /// The addresses tried so far, in order.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.addrs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// A compiled retry policy (Istio's `HTTPRetry`).

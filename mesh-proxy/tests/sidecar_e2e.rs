@@ -452,3 +452,27 @@ async fn draining_turns_ready_to_503_while_in_flight_requests_finish() {
     assert_eq!(text(resp).await, "slow waited 1500 ms");
     drain.await.unwrap();
 }
+
+#[tokio::test]
+async fn default_retries_hide_a_dead_endpoint_by_trying_another() {
+    let alive = App::start("alive").await;
+    let dead = App::start("dead").await;
+    let dead_addr = dead.addr;
+    dead.kill();
+    drop(dead);
+    let proxy = start_proxy(&format!(
+        "{}{}",
+        bootstrap("client", None),
+        service_entry("svc", 80, "HTTP", &[alive.addr, dead_addr])
+    ))
+    .await;
+    let outbound = proxy.outbound_addr().unwrap();
+    let http = http1_client();
+    // Istio's default policy retries connect failures twice, each time preferring an
+    // endpoint not tried yet, so no request fails although half the endpoints are dead.
+    for _ in 0..100 {
+        let resp = http.request(get(outbound, "svc", "/")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(text(resp).await, "hello from alive");
+    }
+}

@@ -47,44 +47,12 @@
 //! - The retry layer inserts it only when the request can be retried, so requests on routes
 //!   without retries pay nothing.
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use http::Request;
 use mesh_core::target::UpstreamTarget;
 
-/// The endpoints a request's attempts have gone to, in order; shared by all its attempts.
-#[derive(Clone, Debug, Default)]
-pub struct PreviousAttempts {
-    addrs: Arc<Mutex<Vec<SocketAddr>>>,
-}
-
-impl PreviousAttempts {
-    /// Notes that an attempt went to `addr` (once per address).
-    pub fn record(&self, addr: SocketAddr) {
-        let mut addrs = self.addrs.lock().unwrap_or_else(PoisonError::into_inner);
-        if !addrs.contains(&addr) {
-            addrs.push(addr);
-        }
-    }
-
-    /// Whether an earlier attempt went to `addr`.
-    pub fn contains(&self, addr: SocketAddr) -> bool {
-        self.addrs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(&addr)
-    }
-
-    /// The addresses tried so far, in order.
-    pub fn addrs(&self) -> Vec<SocketAddr> {
-        self.addrs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-}
+pub use mesh_core::target::PreviousAttempts;
 
 /// Records each request's [`UpstreamTarget`] into its [`PreviousAttempts`]; place it right
 /// below the balancer. Requests without either pass untouched.

@@ -6,7 +6,7 @@ use http::header::HeaderValue;
 use http::{Request, Response, Version};
 use mesh_core::body::{BoxBody, BoxError};
 use mesh_core::discovery::{Discover, ServiceKey};
-use mesh_core::target::{RouteTarget, UpstreamTarget};
+use mesh_core::target::{PreviousAttempts, RouteTarget, UpstreamTarget};
 use mesh_core::{HostName, ProxyError, ResponseFlags};
 
 use super::endpoint_set::SubsetBalancer;
@@ -183,6 +183,10 @@ where
     }
 }
 
+/// How many times a retry re-picks to avoid endpoints already tried (Envoy's
+/// `host_selection_retry_max_attempts` as Istio sets it).
+const HOST_SELECTION_RETRY_MAX_ATTEMPTS: usize = 5;
+
 struct Picked {
     target: UpstreamTarget,
     claim: InFlight,
@@ -211,10 +215,26 @@ impl Shared {
             RequestKey::default()
         };
         let snapshot = set.snapshot();
-        let index = snapshot
-            .picker
-            .pick(&resolved.lb, key.hash)
-            .ok_or_else(|| ProxyError::no_healthy_upstream(&target.name))?;
+        let pick = || {
+            snapshot
+                .picker
+                .pick(&resolved.lb, key.hash)
+                .ok_or_else(|| ProxyError::no_healthy_upstream(&target.name))
+        };
+        let mut index = pick()?;
+        // A retry prefers an endpoint its earlier attempts did not use (Envoy's
+        // `previous_hosts` predicate, on by default in Istio): re-pick a bounded number of
+        // times, then take what comes. Hash policies stick to their endpoint, as in Istio.
+        if !policy.is_hash()
+            && let Some(tried) = req.extensions().get::<PreviousAttempts>()
+        {
+            for _ in 0..HOST_SELECTION_RETRY_MAX_ATTEMPTS {
+                match snapshot.endpoints.get(index) {
+                    Some(endpoint) if tried.contains(endpoint.address) => index = pick()?,
+                    _ => break,
+                }
+            }
+        }
         let (Some(endpoint), Some(node)) = (
             snapshot.endpoints.get(index),
             snapshot.picker.nodes().get(index),
