@@ -98,6 +98,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     #[test]
     fn records_each_address_once_in_order() {
