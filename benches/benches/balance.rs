@@ -12,7 +12,6 @@ use std::sync::Arc;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{Request, Response};
 use mesh_core::body::{self, BoxBody, BoxError};
-use mesh_core::config::networking::{Resolution, ServiceLocation};
 use mesh_core::config::{Protocol, ServicePort};
 use mesh_core::discovery::{EndpointPublisher, ServiceKey};
 use mesh_core::target::{RetryPolicy, RouteTarget};
@@ -102,24 +101,8 @@ fn layer(c: &mut Criterion) {
         Ok::<_, BoxError>(Response::new(body::empty()))
     }));
     let target = RouteTarget {
-        service: Arc::new(ServicePort {
-            host,
-            number: 9080,
-            name: "http".into(),
-            protocol: Protocol::Http,
-            resolution: Resolution::Static,
-            location: ServiceLocation::MeshInternal,
-            endpoints: vec![],
-            dns_endpoints: vec![],
-            subject_alt_names: vec![],
-            service_entry: "reviews".into(),
-            namespace: "default".into(),
-        }),
-        subset: None,
-        traffic_policy: None,
-        timeout: None,
         retry: Arc::new(RetryPolicy::none()),
-        name: "reviews.default.svc.cluster.local:9080".into(),
+        ..RouteTarget::new(Arc::new(ServicePort::new(host, 9080, Protocol::Http)))
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

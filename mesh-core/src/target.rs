@@ -38,6 +38,21 @@ pub struct RouteTarget {
     pub name: Arc<str>,
 }
 
+impl RouteTarget {
+    /// The whole of `service` (no subset, no traffic policy, no timeout) with Istio's default
+    /// retry policy: what routing yields for a host no VirtualService routes.
+    pub fn new(service: Arc<ServicePort>) -> RouteTarget {
+        RouteTarget {
+            name: format!("{}:{}", service.host, service.number).into(),
+            service,
+            subset: None,
+            traffic_policy: None,
+            timeout: None,
+            retry: Arc::new(RetryPolicy::istio_default()),
+        }
+    }
+}
+
 /// A DestinationRule subset: a named slice of a service's endpoints, selected by labels.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Subset {

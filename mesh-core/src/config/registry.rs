@@ -49,6 +49,35 @@ pub struct ServicePort {
     pub namespace: String,
 }
 
+impl ServicePort {
+    /// A STATIC, mesh-internal service port with no endpoints yet, named after its host: what
+    /// an embedder (or a test) needs to address a service without loading a ServiceEntry.
+    pub fn new(host: HostName, number: u16, protocol: Protocol) -> ServicePort {
+        let namespace = host
+            .namespace()
+            .unwrap_or(crate::host::DEFAULT_NAMESPACE)
+            .to_string();
+        ServicePort {
+            name: protocol.as_str().to_ascii_lowercase(),
+            service_entry: host
+                .as_str()
+                .split('.')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            host,
+            number,
+            protocol,
+            resolution: Resolution::Static,
+            location: ServiceLocation::MeshInternal,
+            endpoints: Vec::new(),
+            dns_endpoints: Vec::new(),
+            subject_alt_names: Vec::new(),
+            namespace,
+        }
+    }
+}
+
 /// An endpoint still to be resolved through DNS.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -10,8 +10,7 @@ use std::time::Duration;
 use http::{HeaderValue, Request, Response};
 use mesh_core::body::{self, BoxBody, BoxError};
 use mesh_core::config::networking::{
-    ConsistentHashLb, LoadBalancerSettings, MagLev, Resolution, ServiceLocation, SimpleLb,
-    TrafficPolicy,
+    ConsistentHashLb, LoadBalancerSettings, MagLev, SimpleLb, TrafficPolicy,
 };
 use mesh_core::config::{Protocol, ServicePort};
 use mesh_core::discovery::{EndpointPublisher, ServiceKey};
@@ -78,19 +77,7 @@ pub fn by_header(name: &str, maglev: bool) -> LoadBalancerSettings {
 
 /// What routing would hand the balancer for `reviews:9080`.
 pub fn target(lb: Option<LoadBalancerSettings>, subset: Option<(&str, Labels)>) -> RouteTarget {
-    let service = ServicePort {
-        host: host(),
-        number: PORT,
-        name: "http".into(),
-        protocol: Protocol::Http,
-        resolution: Resolution::Static,
-        location: ServiceLocation::MeshInternal,
-        endpoints: vec![],
-        dns_endpoints: vec![],
-        subject_alt_names: vec![],
-        service_entry: "reviews".into(),
-        namespace: "default".into(),
-    };
+    let service = ServicePort::new(host(), PORT, Protocol::Http);
     let name = match &subset {
         Some((s, _)) => format!("{}/{s}", key()),
         None => key().to_string(),
