@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mesh_core::config::bootstrap::{AccessLogEncoding, InboundProtocol};
+use mesh_core::config::bootstrap::{AccessLogEncoding, InboundProtocol, RateLimitSettings};
 use mesh_core::config::networking::OutboundTrafficMode;
 use mesh_core::config::{self, Source};
 
@@ -146,6 +146,36 @@ fn bootstrap_rules() {
             "spec.inbound.protocol",
             "grpc",
         ),
+        (
+            "  rateLimit: {requestsPerSecond: 0}\n",
+            "spec.rateLimit.requestsPerSecond",
+            "requestsPerSecond 0 is not in 1..=1000000",
+        ),
+        (
+            "  rateLimit: {requestsPerSecond: 100, burst: 0}\n",
+            "spec.rateLimit.burst",
+            "burst 0 is not in 1..=1000000",
+        ),
+        (
+            "  rateLimit: {requestsPerSecond: 5000000}\n",
+            "spec.rateLimit.requestsPerSecond",
+            "requestsPerSecond 5000000 is not in 1..=1000000",
+        ),
+        (
+            "  rateLimit: {requestsPerSecond: 100, burst: 2000000}\n",
+            "spec.rateLimit.burst",
+            "burst 2000000 is not in 1..=1000000",
+        ),
+        (
+            "  rateLimit: {requestsPerSecond: -1}\n",
+            "spec.rateLimit.requestsPerSecond",
+            "invalid u32",
+        ),
+        (
+            "  rateLimit: {rps: 100}\n",
+            "spec.rateLimit",
+            "rps",
+        ),
     ];
     for (extra, path, message) in cases {
         let text = format!("{head}{extra}");
@@ -160,4 +190,33 @@ fn bootstrap_rules() {
         assert!(e.message.contains(message), "expected `{message}` in: {e}");
         assert_eq!(e.line, Some(6), "{e}");
     }
+}
+
+#[test]
+fn rate_limit_defaults_and_settings() {
+    let head = "apiVersion: mesh-proxy/v1\nkind: Bootstrap\nmetadata: {name: p}\nspec:\n  workload: {name: w}\n";
+    let parse = |extra: &str| {
+        let text = format!("{head}{extra}");
+        let config =
+            config::load_sources(&[Source::new("b.yaml", text)]).unwrap_or_else(|e| panic!("{e}"));
+        config.bootstrap().expect("a bootstrap").spec.rate_limit
+    };
+    assert_eq!(parse(""), None, "no rateLimit, no limit");
+    // `burst` defaults to one second's worth; `perPrincipal` to one bucket for the workload.
+    assert_eq!(
+        parse("  rateLimit: {requestsPerSecond: 100}\n"),
+        Some(RateLimitSettings {
+            requests_per_second: 100,
+            burst: 100,
+            per_principal: false,
+        })
+    );
+    assert_eq!(
+        parse("  rateLimit: {requestsPerSecond: 100, burst: 10, perPrincipal: true}\n"),
+        Some(RateLimitSettings {
+            requests_per_second: 100,
+            burst: 10,
+            per_principal: true,
+        })
+    );
 }

@@ -111,6 +111,7 @@ pub struct RunningProxy {
     stop_admin: watch::Sender<bool>,
     listeners: Vec<JoinHandle<()>>,
     admin_task: JoinHandle<()>,
+    maintenance: JoinHandle<()>,
 }
 
 async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -163,6 +164,8 @@ impl RunningProxy {
             Duration::from_secs(1),
         ));
         let upstream = Upstream::default();
+        let app = inbound.as_ref().map(|(_, _, app, _)| *app);
+        let maintenance = tokio::spawn(maintain_pools(shared.clone(), upstream.clone(), app));
         let mut listeners = vec![tokio::spawn(server::serve(
             "outbound",
             out_listener,
@@ -195,6 +198,7 @@ impl RunningProxy {
             stop_admin,
             listeners,
             admin_task,
+            maintenance,
         })
     }
 
@@ -226,6 +230,7 @@ impl RunningProxy {
         }
         let _ = self.stop_admin.send(true);
         let _ = self.admin_task.await;
+        self.maintenance.abort();
         tracing::info!("proxy drained");
     }
 }
@@ -255,6 +260,28 @@ fn app_protocol(
         P::Tcp => Err(StartError::Unsupported(
             "inbound.protocol: tcp (opaque TCP proxying)",
         )),
+    }
+}
+
+/// How often connection pools are checked against discovery and for idle connections.
+const POOL_MAINTENANCE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Drains the pools of endpoints that discovery no longer lists (within one interval of their
+/// removal; requests in flight finish first) and closes connections idle past the timeout.
+async fn maintain_pools(shared: Arc<Shared>, upstream: Upstream, app: Option<SocketAddr>) {
+    let mut tick = tokio::time::interval(POOL_MAINTENANCE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let live: std::collections::HashSet<SocketAddr> = shared
+            .endpoints
+            .snapshot()
+            .iter()
+            .flat_map(|(_, set)| set.endpoints().iter().map(|e| e.address))
+            .chain(app)
+            .collect();
+        upstream.retain(|addr| live.contains(&addr));
+        upstream.prune_idle();
     }
 }
 

@@ -64,6 +64,33 @@ impl Upstream {
         }
     }
 
+    /// Drains the pools of endpoints for which `keep` says no: their idle connections close
+    /// now, busy ones when their exchange ends (the request in flight holds its pool). This
+    /// is how a removed endpoint's connections go away, as Envoy drains a removed host's
+    /// pools.
+    pub fn retain(&self, keep: impl Fn(SocketAddr) -> bool) {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools.retain(|(addr, _), _| keep(*addr));
+    }
+
+    /// Closes HTTP/1.1 connections that the server closed or that sat idle past the idle
+    /// timeout, in every pool (checkout prunes too, but only for endpoints still in use).
+    pub fn prune_idle(&self) {
+        let pools: Vec<_> = {
+            let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            pools.values().cloned().collect()
+        };
+        for pool in pools {
+            pool.prune_h1();
+        }
+    }
+
+    /// The endpoints this client holds pools for.
+    pub fn endpoints(&self) -> Vec<SocketAddr> {
+        let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools.keys().map(|(addr, _)| *addr).collect()
+    }
+
     fn pool(&self, target: &UpstreamTarget) -> Arc<EndpointPool> {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         pools
@@ -137,14 +164,16 @@ impl std::fmt::Debug for EndpointPool {
 }
 
 impl EndpointPool {
+    /// Drops closed and long-idle HTTP/1.1 connections.
+    fn prune_h1(&self) {
+        let mut conns = self.h1.lock().unwrap_or_else(|p| p.into_inner());
+        prune(&mut conns);
+    }
+
     /// A ready HTTP/1.1 connection from the pool, pruning closed and long-idle ones.
     fn checkout_h1(&self) -> Option<http1::SendRequest<BoxBody>> {
         let mut conns = self.h1.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        conns.retain(|(c, used)| {
-            let idle_too_long = c.is_ready() && now.duration_since(*used) > IDLE_TIMEOUT;
-            !c.is_closed() && !idle_too_long
-        });
+        prune(&mut conns);
         let i = conns.iter().position(|(c, _)| c.is_ready())?;
         Some(conns.swap_remove(i).0)
     }
@@ -288,6 +317,15 @@ impl EndpointPool {
     }
 }
 
+/// Keeps the HTTP/1.1 connections that are open and not idle past [`IDLE_TIMEOUT`].
+fn prune(conns: &mut Vec<(http1::SendRequest<BoxBody>, Instant)>) {
+    let now = Instant::now();
+    conns.retain(|(c, used)| {
+        let idle_too_long = c.is_ready() && now.duration_since(*used) > IDLE_TIMEOUT;
+        !c.is_closed() && !idle_too_long
+    });
+}
+
 /// Opens a TCP connection to an endpoint, bounded by the connect timeout.
 async fn dial(addr: SocketAddr, timeout: Duration) -> std::io::Result<TokioIo<TcpStream>> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
@@ -382,6 +420,54 @@ fn to_http2(mut req: Request<BoxBody>) -> Request<BoxBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn retain_closes_the_idle_connections_of_removed_endpoints() {
+        use tower::ServiceExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (closed_tx, closed) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let svc = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(Response::new(body::full("ok")))
+            });
+            // Returns when the client closes the keep-alive connection.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+            let _ = closed_tx.send(());
+        });
+
+        let upstream = Upstream::default();
+        let mut req = Request::get("/")
+            .header("host", "svc")
+            .body(body::empty())
+            .unwrap();
+        req.extensions_mut().insert(UpstreamTarget {
+            addr,
+            http2: false,
+            service: "svc:80".into(),
+        });
+        let resp = upstream.clone().oneshot(req).await.unwrap();
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+        assert_eq!(upstream.endpoints(), [addr]);
+
+        // Still in discovery: the pooled keep-alive connection stays open.
+        upstream.retain(|a| a == addr);
+        upstream.prune_idle();
+        assert_eq!(upstream.endpoints(), [addr]);
+
+        // Removed: the pool goes and its idle connection closes.
+        upstream.retain(|_| false);
+        assert!(upstream.endpoints().is_empty());
+        tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .expect("the removed endpoint's connection closed")
+            .unwrap();
+    }
 
     #[test]
     fn http1_gets_origin_form_and_host() {

@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -358,6 +359,7 @@ spec:
 
     // New endpoints from discovery take over; the balancer applies a published set from its
     // own task (as Envoy applies EDS), so the switch is awaited, not assumed.
+    assert!(a.open.load(Ordering::SeqCst) >= 1 && b.open.load(Ordering::SeqCst) >= 1);
     proxy.apply_config(support::load(&yaml(&[c.addr])));
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
@@ -372,6 +374,21 @@ spec:
         let resp = http.request(get(outbound, "svc", "/")).await.unwrap();
         assert_eq!(text(resp).await, "hello from c");
     }
+
+    // The removed endpoints' pooled connections drain: closed within a maintenance interval.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while a.open.load(Ordering::SeqCst) + b.open.load(Ordering::SeqCst) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connections to removed endpoints stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        c.open.load(Ordering::SeqCst),
+        1,
+        "the live endpoint keeps its pooled connection"
+    );
 }
 
 #[tokio::test]

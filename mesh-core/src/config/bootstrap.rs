@@ -4,7 +4,8 @@
 //! value and `/config_dump` shows it: `outbound.listen` is `127.0.0.1:15001` when the YAML
 //! says nothing, `terminationDrainDuration` is 5s, and so on (Istio's conventions). Only
 //! sections with no sensible default stay `Option`s: `inbound` (needs the app's address),
-//! `identity` (no mTLS without it), `accessLog`, `tracing`, `discovery`, `register`.
+//! `identity` (no mTLS without it), `rateLimit` (no limit without it), `accessLog`, `tracing`,
+//! `discovery`, `register`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -32,6 +33,9 @@ pub const DEFAULT_TERMINATION_DRAIN: std::time::Duration = std::time::Duration::
 pub const DEFAULT_TRACE_SAMPLING: f64 = 1.0;
 /// Key prefix under which resources live in etcd.
 pub const DEFAULT_ETCD_PREFIX: &str = "/mesh";
+/// The largest `rateLimit.requestsPerSecond` and `rateLimit.burst` accepted: one request per
+/// microsecond, far past what one sidecar serves, so a larger value is a typo.
+pub const MAX_RATE_LIMIT: u32 = 1_000_000;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -39,6 +43,8 @@ pub struct BootstrapSpec {
     pub workload: WorkloadSettings,
     pub identity: Option<IdentityFiles>,
     pub inbound: Option<InboundSettings>,
+    /// Local rate limit on inbound requests; absent: none.
+    pub rate_limit: Option<RateLimitSettings>,
     #[serde(default)]
     pub outbound: OutboundSettings,
     #[serde(default)]
@@ -68,6 +74,7 @@ impl Default for BootstrapSpec {
             },
             identity: None,
             inbound: None,
+            rate_limit: None,
             outbound: OutboundSettings::default(),
             admin: AdminSettings::default(),
             concurrency: None,
@@ -122,6 +129,39 @@ pub enum InboundProtocol {
     Http,
     Http2,
     Tcp,
+}
+
+/// The local rate limit on inbound requests, modelled on Linkerd's `HTTPLocalRateLimitPolicy`
+/// (a GCRA token bucket; Envoy's `local_ratelimit` is the same bucket): `requestsPerSecond`
+/// sustained, up to `burst` at once (default: `requestsPerSecond`, one second's worth). With
+/// `perPrincipal`, each authenticated caller identity has a bucket of its own and the callers
+/// without one share the workload's. Requests over the limit are answered `429` with flag `RL`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "RateLimitFields", rename_all = "camelCase")]
+pub struct RateLimitSettings {
+    pub requests_per_second: u32,
+    pub burst: u32,
+    pub per_principal: bool,
+}
+
+/// `rateLimit` as written, before `burst` takes its default from `requestsPerSecond`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RateLimitFields {
+    requests_per_second: u32,
+    burst: Option<u32>,
+    #[serde(default)]
+    per_principal: bool,
+}
+
+impl From<RateLimitFields> for RateLimitSettings {
+    fn from(f: RateLimitFields) -> Self {
+        RateLimitSettings {
+            requests_per_second: f.requests_per_second,
+            burst: f.burst.unwrap_or(f.requests_per_second),
+            per_principal: f.per_principal,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

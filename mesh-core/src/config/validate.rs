@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 
-use super::bootstrap::BootstrapSpec;
+use super::bootstrap::{BootstrapSpec, MAX_RATE_LIMIT};
 use super::networking::{
     ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, CorsPolicy, Destination,
     DestinationRuleSpec, GatewaySpec, HeaderOperations, Headers, HttpMatchRequest, HttpRedirect,
@@ -898,6 +898,21 @@ pub(crate) fn bootstrap(b: &BootstrapSpec, out: &mut Issues) {
             );
         }
         out.positive("spec.register.ttl", Some(register.ttl));
+    }
+    if let Some(limit) = &b.rate_limit {
+        let mut in_range = |field: &str, value: u32| {
+            if !(1..=MAX_RATE_LIMIT).contains(&value) {
+                out.add(
+                    format!("spec.rateLimit.{field}"),
+                    format!("{field} {value} is not in 1..={MAX_RATE_LIMIT}"),
+                );
+            }
+        };
+        in_range("requestsPerSecond", limit.requests_per_second);
+        // `burst` defaults to `requestsPerSecond`: the same bad value is reported once.
+        if limit.burst != limit.requests_per_second {
+            in_range("burst", limit.burst);
+        }
     }
 }
 

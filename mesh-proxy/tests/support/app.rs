@@ -26,6 +26,8 @@ pub struct App {
     pub addr: SocketAddr,
     /// Requests received so far.
     pub received: Arc<AtomicUsize>,
+    /// Connections open right now.
+    pub open: Arc<AtomicUsize>,
     /// `(host, path and query)` of every request received, in order.
     pub seen: Arc<Mutex<Vec<(String, String)>>>,
     task: tokio::task::JoinHandle<()>,
@@ -39,6 +41,8 @@ impl App {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let counter = received.clone();
         let log = seen.clone();
+        let open = Arc::new(AtomicUsize::new(0));
+        let open_count = open.clone();
         let task = tokio::spawn(async move {
             // Connections live in the JoinSet so that aborting this task closes them all.
             let mut conns = JoinSet::new();
@@ -69,16 +73,20 @@ impl App {
                     counter.fetch_add(1, Ordering::SeqCst);
                     handle(name, req)
                 });
+                let open_count = open_count.clone();
+                open_count.fetch_add(1, Ordering::SeqCst);
                 conns.spawn(async move {
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
+                    open_count.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
         App {
             addr,
             received,
+            open,
             seen,
             task,
         }
