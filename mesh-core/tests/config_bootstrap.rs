@@ -173,8 +173,8 @@ fn bootstrap_rules() {
         ),
         (
             "  rateLimit: {rps: 100}\n",
-            "spec.rateLimit",
-            "rps",
+            "spec.rateLimit.rps",
+            "unknown field `rps`",
         ),
     ];
     for (extra, path, message) in cases {

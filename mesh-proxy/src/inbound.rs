@@ -1,7 +1,8 @@
 //! The inbound stack: peers call this workload, and the proxy hands requests to the local app.
 //!
 //! ```text
-//! LocalReply → ProxyHeaders → ForwardToApp → Upstream (127.0.0.1:APP_PORT)
+//! LocalReply → ProxyHeaders → RateLimit (Bootstrap `rateLimit`) → ForwardToApp
+//!   → Upstream (127.0.0.1:APP_PORT)
 //! ```
 //!
 //! mesh-tls adds TLS termination below the HTTP server and authorization above
@@ -12,6 +13,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Version};
+use mesh_core::config::bootstrap::RateLimitSettings;
+use mesh_resilience::rate_limit::RateLimitLayer;
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
@@ -20,12 +23,20 @@ use crate::local_reply::LocalReplyLayer;
 use crate::server::HttpService;
 use crate::upstream::{Upstream, UpstreamTarget};
 
-/// Builds the inbound stack: every request goes to the local app at `app`.
-pub fn stack(app: SocketAddr, protocol: AppProtocol, upstream: Upstream) -> HttpService {
+/// Builds the inbound stack: every request goes to the local app at `app`, within the
+/// Bootstrap's `rateLimit` when it sets one (429 `RL` past it).
+pub fn stack(
+    app: SocketAddr,
+    protocol: AppProtocol,
+    rate_limit: Option<&RateLimitSettings>,
+    upstream: Upstream,
+) -> HttpService {
     BoxCloneSyncService::new(
         ServiceBuilder::new()
             .layer(LocalReplyLayer)
             .layer(ProxyHeadersLayer)
+            // Built once per listener: every connection's service shares the same buckets.
+            .option_layer(rate_limit.map(RateLimitLayer::new))
             .layer(ForwardToAppLayer::new(app, protocol))
             .service(upstream),
     )

@@ -129,6 +129,7 @@ impl RunningProxy {
     pub async fn start(config: Arc<MeshConfig>) -> Result<RunningProxy, StartError> {
         let bootstrap = config.bootstrap().ok_or(StartError::NoBootstrap)?;
         let drain = bootstrap.termination_drain_duration();
+        let rate_limit = bootstrap.spec.rate_limit;
         let admin_addr = bootstrap.admin_listen();
         let outbound_addr = bootstrap.outbound_listen();
         let inbound = bootstrap
@@ -179,7 +180,7 @@ impl RunningProxy {
             drain,
         ))];
         let inbound = inbound.map(|(listener, addr, app, protocol)| {
-            let stack = inbound::stack(app, protocol, upstream.clone());
+            let stack = inbound::stack(app, protocol, rate_limit.as_ref(), upstream.clone());
             listeners.push(tokio::spawn(server::serve(
                 "inbound", listener, stack, stop_rx, drain,
             )));

@@ -493,3 +493,39 @@ async fn default_retries_hide_a_dead_endpoint_by_trying_another() {
         assert_eq!(text(resp).await, "hello from alive");
     }
 }
+
+#[tokio::test]
+async fn the_inbound_rate_limit_answers_429_rl_past_the_burst() {
+    let app = App::start("limited").await;
+    let server = start_proxy(&format!(
+        "{}  rateLimit: {{ requestsPerSecond: 5, burst: 5 }}\n",
+        bootstrap("limited", Some(app.addr))
+    ))
+    .await;
+    let inbound = server.inbound_addr().unwrap();
+    let http = http1_client();
+    let (mut passed, mut limited) = (0, 0);
+    for _ in 0..20 {
+        let resp = http.request(get(inbound, "limited", "/")).await.unwrap();
+        match resp.status() {
+            StatusCode::OK => passed += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert_eq!(resp.headers()["x-mesh-response-flags"], "RL");
+                assert!(text(resp).await.contains("rate limited"));
+                limited += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // The burst of 5, plus whatever refilled (5/s) while the 20 requests ran.
+    assert!(
+        (5..=10).contains(&passed),
+        "{passed} passed, {limited} limited"
+    );
+    assert_eq!(passed + limited, 20);
+    assert_eq!(
+        app.received.load(Ordering::SeqCst),
+        passed,
+        "refused requests never reach the app"
+    );
+}

@@ -114,6 +114,7 @@
 
 pub mod budget;
 pub mod previous;
+pub mod rate_limit;
 pub mod replay;
 pub mod retry;
 pub mod timeout;
