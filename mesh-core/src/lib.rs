@@ -9,6 +9,8 @@
 //! - [`config`]: Istio's resources, loaded from YAML, validated and compiled into one
 //!   immutable snapshot ([`config::MeshConfig`]).
 //! - [`discovery`]: endpoint sets of a service as values that change over time.
+//! - [`health`]: outlier-detection state per endpoint, written by resilience, read by the
+//!   balancer.
 //! - [`target`]: what routing and balancing decide for a request ([`target::RouteTarget`],
 //!   [`target::UpstreamTarget`]) and the compiled retry policy routes hand to resilience.
 #![forbid(unsafe_code)]
@@ -20,6 +22,7 @@ pub mod discovery;
 pub mod endpoint;
 pub mod error;
 pub mod flags;
+pub mod health;
 pub mod host;
 pub mod identity;
 pub mod labels;

@@ -1,8 +1,8 @@
 //! The outbound stack: the local app calls another service through this proxy.
 //!
 //! ```text
-//! LocalReply → ProxyHeaders → Route → RequestTimeout → Retry → Balance → RecordEndpoint
-//!   → Upstream
+//! LocalReply → ProxyHeaders → Route → RequestTimeout → Retry → Balance → OutlierDetection
+//!   → RecordEndpoint → Upstream
 //! ```
 //!
 //! [`Route`](mesh_routing::RouteLayer) finds the virtual host by the request's authority
@@ -14,12 +14,15 @@
 //! `UpstreamTarget`; [`Upstream`] sends it. Between routing and balancing, the route's
 //! `timeout` bounds the whole request (504 `UT`) and its retry policy (Istio's default when it
 //! sets none) retries within a proxy-wide retry budget (20% of requests + 10/s over 10 s);
-//! `RecordEndpoint` tells the retry layer which endpoint each attempt went to.
+//! `RecordEndpoint` tells the retry layer which endpoint each attempt went to. Outlier
+//! detection (the DestinationRule's `outlierDetection`) counts each endpoint's consecutive
+//! errors in the health registry it shares with the balancer, which skips ejected endpoints.
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use mesh_resilience::budget::RetryBudget;
+use mesh_resilience::outlier::OutlierDetectionLayer;
 use mesh_resilience::previous::RecordEndpointLayer;
 use mesh_resilience::retry::RetryLayer;
 use mesh_resilience::timeout::RequestTimeoutLayer;
@@ -49,6 +52,7 @@ pub fn stack(
             .layer(RequestTimeoutLayer)
             .layer(RetryLayer::new(budget.clone()))
             .layer(balancer.clone())
+            .layer(OutlierDetectionLayer::new(balancer.health()))
             .layer(RecordEndpointLayer)
             .service(upstream),
     )

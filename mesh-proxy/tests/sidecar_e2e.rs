@@ -529,3 +529,64 @@ async fn the_inbound_rate_limit_answers_429_rl_past_the_burst() {
         "refused requests never reach the app"
     );
 }
+
+#[tokio::test]
+async fn outlier_detection_ejects_an_endpoint_that_keeps_failing() {
+    let a = App::start("a").await;
+    let b = App::start("b").await;
+    let broken = App::start_with_status("broken", 500).await;
+    let proxy = start_proxy(&format!(
+        "{}{}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: svc }}
+spec:
+  host: svc
+  trafficPolicy:
+    loadBalancer: {{ simple: ROUND_ROBIN }}
+    outlierDetection:
+      consecutive5xxErrors: 3
+      interval: 1s
+      baseEjectionTime: 30s
+      maxEjectionPercent: 100
+",
+        bootstrap("client", None),
+        service_entry("svc", 80, "HTTP", &[a.addr, b.addr, broken.addr])
+    ))
+    .await;
+    let outbound = proxy.outbound_addr().unwrap();
+    let http = http1_client();
+    let mut errors = 0;
+    for _ in 0..60 {
+        let resp = http.request(get(outbound, "svc", "/")).await.unwrap();
+        if resp.status() == StatusCode::INTERNAL_SERVER_ERROR {
+            errors += 1;
+        }
+        text(resp).await;
+    }
+    // 500 is not retried by Istio's default policy, so the caller sees exactly the three
+    // failures that trip the detector, and nothing from the endpoint after that.
+    assert_eq!(errors, 3);
+    assert_eq!(broken.received.load(Ordering::SeqCst), 3);
+
+    let resp = http
+        .request(get(proxy.admin_addr(), "admin", "/clusters"))
+        .await
+        .unwrap();
+    let clusters: serde_json::Value = serde_json::from_str(&text(resp).await).unwrap();
+    let health = |addr: std::net::SocketAddr| {
+        clusters
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|c| c["endpoints"].as_array().unwrap())
+            .find(|e| e["address"] == addr.to_string())
+            .map(|e| e["health"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(
+        health(broken.addr).as_deref(),
+        Some("ejected"),
+        "{clusters}"
+    );
+    assert_eq!(health(a.addr).as_deref(), Some("healthy"), "{clusters}");
+}

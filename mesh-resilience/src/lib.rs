@@ -107,12 +107,14 @@
 //! - [`budget`]: the retry budget.
 //! - [`replay`]: request bodies that can be sent again.
 //! - [`previous`]: the endpoints a request already tried.
+//! - [`outlier`]: outlier detection, ejecting endpoints into `mesh_core::health`.
+//! - [`rate_limit`]: the inbound local rate limit (Bootstrap `rateLimit`).
 //!
-//! Connection-pool limits, outlier detection and local rate limiting belong here too; they
-//! are not written yet.
+//! Connection-pool limits belong here too; they are not written yet.
 #![forbid(unsafe_code)]
 
 pub mod budget;
+pub mod outlier;
 pub mod previous;
 pub mod rate_limit;
 pub mod replay;

@@ -35,6 +35,11 @@ pub struct App {
 
 impl App {
     pub async fn start(name: &'static str) -> App {
+        App::start_with_status(name, 200).await
+    }
+
+    /// An app that answers every request with `status` (a broken backend, say).
+    pub async fn start_with_status(name: &'static str, status: u16) -> App {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let received = Arc::new(AtomicUsize::new(0));
@@ -71,7 +76,7 @@ impl App {
                         .unwrap_or_default();
                     log.lock().unwrap().push((host, path));
                     counter.fetch_add(1, Ordering::SeqCst);
-                    handle(name, req)
+                    handle(name, status, req)
                 });
                 let open_count = open_count.clone();
                 open_count.fetch_add(1, Ordering::SeqCst);
@@ -105,6 +110,7 @@ impl Drop for App {
 
 async fn handle(
     name: &'static str,
+    status: u16,
     req: Request<Incoming>,
 ) -> Result<Response<BoxBody>, std::convert::Infallible> {
     let seen = |h: &str| {
@@ -152,5 +158,6 @@ async fn handle(
     for (k, v) in info {
         resp.headers_mut().insert(k, v);
     }
+    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
     Ok(resp)
 }

@@ -63,7 +63,14 @@ impl SubsetBalancer {
         policy: Policy,
     ) -> Arc<SubsetBalancer> {
         let set = watch.borrow_and_update().clone();
-        let first = build(&set, subset.as_deref(), &registry, true, Some(policy));
+        let first = build(
+            &set,
+            subset.as_deref(),
+            &name,
+            &registry,
+            true,
+            Some(policy),
+        );
         let runtime = tokio::runtime::Handle::try_current();
         let (stop, stopped) = oneshot::channel();
         let balancer = Arc::new(SubsetBalancer {
@@ -114,7 +121,14 @@ impl SubsetBalancer {
     fn rebuild(&self, set: &EndpointSet) {
         let old = self.snapshot.load();
         let table = old.picker.table_policy();
-        let next = build(set, self.subset.as_deref(), &self.registry, false, table);
+        let next = build(
+            set,
+            self.subset.as_deref(),
+            &self.name,
+            &self.registry,
+            false,
+            table,
+        );
         self.snapshot.store(Arc::new(next));
         self.registry.prune();
     }
@@ -131,7 +145,7 @@ impl SubsetBalancer {
                 weight: node.weight(),
                 in_flight: node.state.in_flight(),
                 ewma_ms: node.state.ewma.get(now) / 1e6,
-                health: if node.state.is_ejected() {
+                health: if node.state.is_ejected(now) {
                     Health::Ejected
                 } else {
                     Health::Healthy
@@ -149,11 +163,13 @@ impl SubsetBalancer {
     }
 }
 
-/// Builds a snapshot of `set` for `subset`. `initial`: endpoints found now are warm (no slow
-/// start). `table`: a hash policy whose table to build now.
+/// Builds a snapshot of `set` for `subset`, and records its members (under `name`) as the
+/// base of outlier detection's `maxEjectionPercent`. `initial`: endpoints found now are warm
+/// (no slow start). `table`: a hash policy whose table to build now.
 fn build(
     set: &EndpointSet,
     subset: Option<&Subset>,
+    name: &Arc<str>,
     registry: &Registry,
     initial: bool,
     table: Option<Policy>,
@@ -171,6 +187,9 @@ fn build(
             Node::new(e.address.to_string(), e.weight, state)
         })
         .collect();
+    registry
+        .health
+        .set_cluster(name.clone(), endpoints.iter().map(|e| e.address));
     let picker = Picker::new(nodes);
     if let Some(policy) = table {
         picker.prepare(policy);

@@ -6,12 +6,14 @@ use http::header::HeaderValue;
 use http::{Request, Response, Version};
 use mesh_core::body::{BoxBody, BoxError};
 use mesh_core::discovery::{Discover, ServiceKey};
+use mesh_core::health::HealthRegistry;
 use mesh_core::target::{PreviousAttempts, RouteTarget, UpstreamTarget};
 use mesh_core::{HostName, ProxyError, ResponseFlags};
 
 use super::endpoint_set::SubsetBalancer;
 use super::future::{ResponseFuture, track_body};
 use super::hash_key::{RequestKey, request_key};
+use super::picker::Node;
 use super::policy::{Policy, resolve};
 use super::state::{InFlight, Registry};
 use super::status::ClusterStatus;
@@ -106,15 +108,28 @@ impl std::fmt::Debug for BalanceLayer {
 }
 
 impl BalanceLayer {
-    /// A layer that asks `discovery` for endpoint sets.
+    /// A layer that asks `discovery` for endpoint sets, with a health registry of its own
+    /// (share it with outlier detection through [`BalanceLayer::health`]).
     pub fn new(discovery: Arc<dyn Discover>) -> Self {
+        Self::with_health(discovery, Arc::default())
+    }
+
+    /// A layer that asks `discovery` for endpoint sets and skips the endpoints outlier
+    /// detection ejects in `health` (the registry given to
+    /// `mesh_resilience::outlier::OutlierDetectionLayer`).
+    pub fn with_health(discovery: Arc<dyn Discover>, health: Arc<HealthRegistry>) -> Self {
         BalanceLayer {
             shared: Arc::new(Shared {
                 discovery,
                 sets: RwLock::default(),
-                registry: Arc::default(),
+                registry: Arc::new(Registry::new(health)),
             }),
         }
+    }
+
+    /// The health registry this layer reads ejections from.
+    pub fn health(&self) -> Arc<HealthRegistry> {
+        self.shared.registry.health.clone()
     }
 
     /// Every endpoint set balanced so far, sorted by name, with the state of each endpoint
@@ -185,7 +200,72 @@ where
 
 /// How many times a retry re-picks to avoid endpoints already tried (Envoy's
 /// `host_selection_retry_max_attempts` as Istio sets it).
-const HOST_SELECTION_RETRY_MAX_ATTEMPTS: usize = 5;
+const HOST_SELECTION_RETRY_MAX_ATTEMPTS: u64 = 5;
+
+/// Which endpoints of a snapshot a pick skips for outlier detection: none when the target has
+/// no `outlierDetection`; else the ejected ones, unless fewer than `minHealthPercent` of the
+/// endpoints are in service (panic mode: balance over all of them, as Envoy's
+/// `healthy_panic_threshold`). The clock is read, and panic mode worked out (a pass over
+/// the set), only when a pick lands on an endpoint that was ever ejected.
+struct Ejections<'a> {
+    nodes: &'a [Node],
+    /// `minHealthPercent`; `None`: outlier detection is off for the target.
+    min_health_percent: Option<u32>,
+    now: Option<std::time::Instant>,
+    panic: Option<bool>,
+}
+
+impl<'a> Ejections<'a> {
+    fn new(nodes: &'a [Node], min_health_percent: Option<u32>) -> Self {
+        Ejections {
+            nodes,
+            min_health_percent,
+            now: None,
+            panic: None,
+        }
+    }
+
+    fn skips(&mut self, index: usize) -> bool {
+        let Some(min_health_percent) = self.min_health_percent else {
+            return false;
+        };
+        let Some(node) = self.nodes.get(index) else {
+            return false;
+        };
+        if node.state.health.ejected_until().is_none() {
+            return false;
+        }
+        let now = *self
+            .now
+            .get_or_insert_with(|| tokio::time::Instant::now().into_std());
+        if !node.state.health.is_ejected(now) {
+            return false;
+        }
+        let nodes = self.nodes;
+        let panic = *self.panic.get_or_insert_with(|| {
+            let healthy = nodes
+                .iter()
+                .filter(|n| !n.state.health.is_ejected(now))
+                .count();
+            healthy * 100 < min_health_percent as usize * nodes.len()
+        });
+        !panic
+    }
+}
+
+/// A hash for the `attempt`th re-pick of a hash policy, derived from the request's.
+fn rehash(hash: u64, attempt: u64) -> u64 {
+    xxhash_rust::xxh64::xxh64(&hash.to_le_bytes(), attempt)
+}
+
+fn all_ejected(service: &str) -> ProxyError {
+    ProxyError::new(
+        ResponseFlags::NO_HEALTHY_UPSTREAM,
+        format_args!(
+            "no healthy upstream: every endpoint of {service} is ejected by outlier detection"
+        ),
+    )
+}
 
 struct Picked {
     target: UpstreamTarget,
@@ -215,25 +295,53 @@ impl Shared {
             RequestKey::default()
         };
         let snapshot = set.snapshot();
-        let pick = || {
+        // Re-picks (attempt > 0) of hash policies look up a hash derived from the key, so a
+        // key whose endpoint is ejected goes to the same stand-in every time.
+        let pick = |attempt: u64| {
+            let hash = key
+                .hash
+                .map(|h| if attempt == 0 { h } else { rehash(h, attempt) });
             snapshot
                 .picker
-                .pick(&resolved.lb, key.hash)
+                .pick(&resolved.lb, hash)
                 .ok_or_else(|| ProxyError::no_healthy_upstream(&target.name))
         };
-        let mut index = pick()?;
-        // A retry prefers an endpoint its earlier attempts did not use (Envoy's
-        // `previous_hosts` predicate, on by default in Istio): re-pick a bounded number of
-        // times, then take what comes. Hash policies stick to their endpoint, as in Istio.
-        if !policy.is_hash()
-            && let Some(tried) = req.extensions().get::<PreviousAttempts>()
-        {
-            for _ in 0..HOST_SELECTION_RETRY_MAX_ATTEMPTS {
-                match snapshot.endpoints.get(index) {
-                    Some(endpoint) if tried.contains(endpoint.address) => index = pick()?,
-                    _ => break,
-                }
+        let outlier = target
+            .traffic_policy
+            .as_deref()
+            .and_then(|p| p.outlier_detection.as_ref());
+        let mut ejection = Ejections::new(
+            snapshot.picker.nodes(),
+            outlier.map(|o| o.min_health_percent.unwrap_or(0)),
+        );
+        let tried = req
+            .extensions()
+            .get::<PreviousAttempts>()
+            .filter(|_| !policy.is_hash());
+        let mut index = pick(0)?;
+        // Re-pick a bounded number of times away from ejected endpoints, and for a retry
+        // away from endpoints its earlier attempts used (Envoy's `previous_hosts` predicate,
+        // on by default in Istio; hash policies stick to their endpoint), then take what
+        // comes as long as it is not ejected.
+        for attempt in 1..=HOST_SELECTION_RETRY_MAX_ATTEMPTS {
+            let used = tried.is_some_and(|tried| {
+                snapshot
+                    .endpoints
+                    .get(index)
+                    .is_some_and(|e| tried.contains(e.address))
+            });
+            if !used && !ejection.skips(index) {
+                break;
             }
+            index = pick(attempt)?;
+        }
+        if ejection.skips(index) {
+            // The next endpoint in the set that is in service.
+            let n = snapshot.picker.nodes().len();
+            index = (1..n)
+                .map(|k| (index + k) % n)
+                .find(|&i| !ejection.skips(i))
+                .ok_or_else(|| all_ejected(&target.name))?;
         }
         let (Some(endpoint), Some(node)) = (
             snapshot.endpoints.get(index),

@@ -80,13 +80,25 @@
 //! `weight × max(minimumPercent, (age / window)^(1/aggression))` (defaults 10 %, 1.0).
 //! Endpoints present when a set is first balanced are warm. See [`Warmup`].
 //!
+//! **Outlier detection** (`trafficPolicy.outlierDetection`): `mesh_resilience`'s layer
+//! below the balancer ejects endpoints into a shared `mesh_core::health::HealthRegistry`
+//! ([`BalanceLayer::with_health`]). For a target with `outlierDetection`, every policy skips
+//! ejected endpoints: a pick that lands on one is re-picked (up to five times, as for
+//! retries; hash policies look up a hash derived from the request's, so a key whose endpoint
+//! is ejected goes to one stand-in and every other key stays put), then the next endpoint of
+//! the set in service is taken; none left: `503 UH`. When fewer than `minHealthPercent` of
+//! the set are in service (Istio's default 0: never) the balancer panics, as Envoy does, and
+//! balances over all of them. Targets without `outlierDetection` ignore ejections (Envoy's
+//! ejections are per cluster). The clock is read only when a pick lands on an endpoint that
+//! was ever ejected. `/clusters` shows `"health": "ejected"`.
+//!
 //! # Live endpoint sets
 //!
 //! Discovery publishes whole sets; a background task per (service port, subset) waits on the
 //! discovery watch, rebuilds an immutable snapshot on each change (with the hash table the
 //! set uses) and swaps it in: the request path only loads the current snapshot. Requests in flight
 //! keep their endpoint; a removed endpoint stops being picked and drains. Per-endpoint state
-//! (in-flight count, EWMA, slow-start clock, ejection placeholder) is kept by address, so it
+//! (in-flight count, EWMA, slow-start clock, outlier health) is kept by address, so it
 //! survives every change that keeps the address, and the endpoint addresses, which key the
 //! upstream connection pools, stay the same.
 

@@ -178,7 +178,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &w)| {
-                let state = Arc::new(EndpointState::new(epoch, warm));
+                let state = Arc::new(EndpointState::new(epoch, warm, Default::default()));
                 Node::new(format!("10.0.0.{i}:80"), w, state)
             })
             .collect()

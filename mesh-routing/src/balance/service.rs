@@ -114,7 +114,7 @@ impl<K: Display, S> Balancer<K, S> {
             nodes.push(Node::new(
                 key.to_string(),
                 weight,
-                Arc::new(EndpointState::new(epoch, true)),
+                Arc::new(EndpointState::new(epoch, true, Default::default())),
             ));
             keys.push(key);
             svcs.push(svc);

@@ -3,9 +3,10 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+use mesh_core::health::{EndpointHealth, HealthRegistry};
 use tokio::time::Instant;
 
 use super::ewma::PeakEwma;
@@ -20,22 +21,21 @@ pub(crate) struct EndpointState {
     pub(crate) ewma: PeakEwma,
     /// When the endpoint joined, for slow start; `None` when it was there from the start.
     added_at: Option<Instant>,
-    /// Outlier ejection (a later issue): nanoseconds after `ewma`'s epoch until which the
-    /// endpoint is ejected; 0 when it is not. Recorded here so ejection survives set changes
-    /// like the rest of the state; picking does not consult it yet.
-    ejected_until: AtomicU64,
+    /// Outlier-detection state of the address, shared with the outlier-detection layer
+    /// through the [`HealthRegistry`].
+    pub(crate) health: Arc<EndpointHealth>,
 }
 
 impl EndpointState {
     /// A state for an endpoint joining now; `warm` ones skip slow start. `epoch` is the
     /// balancer's time base (see `PeakEwma`).
-    pub(crate) fn new(epoch: Instant, warm: bool) -> EndpointState {
+    pub(crate) fn new(epoch: Instant, warm: bool, health: Arc<EndpointHealth>) -> EndpointState {
         let now = Instant::now();
         EndpointState {
             in_flight: AtomicU32::new(0),
             ewma: PeakEwma::new(epoch, now),
             added_at: (!warm).then_some(now),
-            ejected_until: AtomicU64::new(0),
+            health,
         }
     }
 
@@ -55,8 +55,9 @@ impl EndpointState {
         }
     }
 
-    pub(crate) fn is_ejected(&self) -> bool {
-        self.ejected_until.load(Ordering::Relaxed) != 0
+    /// Whether outlier detection has ejected the endpoint at `now`.
+    pub(crate) fn is_ejected(&self, now: Instant) -> bool {
+        self.health.is_ejected(now.into_std())
     }
 }
 
@@ -100,25 +101,33 @@ impl Drop for InFlight {
 pub(crate) struct Registry {
     epoch: Instant,
     states: Mutex<HashMap<SocketAddr, Weak<EndpointState>>>,
+    /// Outlier-detection state, shared with the outlier-detection layer.
+    pub(crate) health: Arc<HealthRegistry>,
 }
 
 impl Default for Registry {
     fn default() -> Self {
-        Registry {
-            epoch: Instant::now(),
-            states: Mutex::default(),
-        }
+        Registry::new(Arc::default())
     }
 }
 
 impl Registry {
+    pub(crate) fn new(health: Arc<HealthRegistry>) -> Self {
+        Registry {
+            epoch: Instant::now(),
+            states: Mutex::default(),
+            health,
+        }
+    }
+
     /// The state of `addr`, created if no live one exists (warm or slow-starting).
     pub(crate) fn get_or_create(&self, addr: SocketAddr, warm: bool) -> Arc<EndpointState> {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(state) = states.get(&addr).and_then(Weak::upgrade) {
             return state;
         }
-        let state = Arc::new(EndpointState::new(self.epoch, warm));
+        let health = self.health.endpoint(addr);
+        let state = Arc::new(EndpointState::new(self.epoch, warm, health));
         states.insert(addr, Arc::downgrade(&state));
         state
     }
@@ -127,6 +136,8 @@ impl Registry {
     pub(crate) fn prune(&self) {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         states.retain(|_, state| state.strong_count() > 0);
+        drop(states);
+        self.health.prune(Instant::now().into_std());
     }
 }
 

@@ -63,6 +63,6 @@ pub struct EndpointStatus {
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     Healthy,
-    /// Ejected by outlier detection (not implemented yet).
+    /// Ejected by outlier detection now (`mesh_core::health`).
     Ejected,
 }
