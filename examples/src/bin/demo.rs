@@ -51,7 +51,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(inbound) = proxy.inbound_addr() {
         println!("sidecar inbound  http://{inbound}/");
     }
-    println!("sidecar admin    http://{admin}/ready  /live  /config_dump");
+    println!("sidecar admin    http://{admin}/ready  /live  /config_dump  /clusters");
     println!();
 
     for (host, path) in [("hello", "/"), ("hello", "/headers"), ("unknown", "/")] {
