@@ -14,7 +14,7 @@ use hyper::body::Frame;
 use mesh_core::body::{self, BoxError};
 use mesh_proxy::RunningProxy;
 use support::app::App;
-use support::{bootstrap, get, grpc, http1_client, service_entry, start_proxy, text};
+use support::{bootstrap, client_proxy, get, grpc, http1_client, service_entry, start_proxy, text};
 
 /// An app behind a server sidecar, and a client sidecar that knows it as `echo:80` (HTTP)
 /// and `echo-grpc:9090` (GRPC).
@@ -394,12 +394,7 @@ spec:
 #[tokio::test]
 async fn admin_reports_readiness_liveness_and_config() {
     let app = App::start("echo").await;
-    let proxy = start_proxy(&format!(
-        "{}{}",
-        bootstrap("client", None),
-        service_entry("echo", 80, "HTTP", &[app.addr])
-    ))
-    .await;
+    let proxy = client_proxy("echo", &[app.addr]).await;
     let admin = proxy.admin_addr();
     let http = http1_client();
     let resp = http.request(get(admin, "admin", "/live")).await.unwrap();
@@ -435,12 +430,7 @@ async fn admin_reports_readiness_liveness_and_config() {
 #[tokio::test]
 async fn draining_turns_ready_to_503_while_in_flight_requests_finish() {
     let app = App::start("slow").await;
-    let proxy = start_proxy(&format!(
-        "{}{}",
-        bootstrap("client", None),
-        service_entry("slow", 80, "HTTP", &[app.addr])
-    ))
-    .await;
+    let proxy = client_proxy("slow", &[app.addr]).await;
     let (outbound, admin) = (proxy.outbound_addr().unwrap(), proxy.admin_addr());
     let http = http1_client();
     let in_flight = {
@@ -477,12 +467,7 @@ async fn default_retries_hide_a_dead_endpoint_by_trying_another() {
     let dead_addr = dead.addr;
     dead.kill();
     drop(dead);
-    let proxy = start_proxy(&format!(
-        "{}{}",
-        bootstrap("client", None),
-        service_entry("svc", 80, "HTTP", &[alive.addr, dead_addr])
-    ))
-    .await;
+    let proxy = client_proxy("svc", &[alive.addr, dead_addr]).await;
     let outbound = proxy.outbound_addr().unwrap();
     let http = http1_client();
     // Istio's default policy retries connect failures twice, each time preferring an

@@ -105,6 +105,17 @@ pub async fn start_proxy(yaml: &str) -> RunningProxy {
     proxy
 }
 
+/// A client sidecar (no inbound) that knows one HTTP service, `host:80`, served at
+/// `endpoints`.
+pub async fn client_proxy(host: &str, endpoints: &[SocketAddr]) -> RunningProxy {
+    start_proxy(&format!(
+        "{}{}",
+        bootstrap("client", None),
+        service_entry(host, 80, "HTTP", endpoints)
+    ))
+    .await
+}
+
 /// Polls `GET /ready` on an admin address until it answers 200 (at most 10 s).
 pub async fn wait_ready(admin: SocketAddr) {
     let client = http1_client();
