@@ -84,6 +84,15 @@ impl fmt::Debug for HostName {
     }
 }
 
+/// Istio's host wildcards: `*.example.com` matches `api.example.com` (not `example.com`);
+/// `*` matches anything; any other pattern only itself.
+pub fn wildcard_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+        None => pattern == host,
+    }
+}
+
 /// Splits an HTTP authority (`Host` header or URI authority) into host and port; a missing
 /// port is [`DEFAULT_HTTP_PORT`]. IPv6 literals keep their brackets off. Returns `None` for a
 /// port that is not a number. Borrowed: this runs on every request.
@@ -146,6 +155,15 @@ mod tests {
             HostName::qualify("httpbin.org", "x").aliases("x"),
             ["httpbin.org"]
         );
+    }
+
+    #[test]
+    fn wildcards_match_subdomains_only() {
+        assert!(wildcard_matches("*.example.com", "api.example.com"));
+        assert!(!wildcard_matches("*.example.com", "example.com"));
+        assert!(!wildcard_matches("*.example.com", "api.example.org"));
+        assert!(wildcard_matches("*", "anything"));
+        assert!(wildcard_matches("reviews", "reviews"));
     }
 
     #[test]

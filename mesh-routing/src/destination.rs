@@ -25,7 +25,10 @@ use mesh_core::config::{MeshConfig, ServicePort, ServiceRegistry};
 use mesh_core::target::{RetryPolicy, RouteTarget, Subset};
 
 use crate::headers::HeaderRules;
-use crate::table::{SourceContext, exported_to, wildcard_matches};
+use mesh_core::config::exported_to;
+use mesh_core::host::wildcard_matches;
+
+use crate::table::SourceContext;
 
 /// Where a destination sends requests: a target, or why there is none.
 #[derive(Clone, Debug)]

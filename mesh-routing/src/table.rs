@@ -28,8 +28,8 @@ use std::sync::Arc;
 
 use http::Request;
 use mesh_core::config::networking::{HttpMatchRequest, HttpRoute, VirtualService};
-use mesh_core::config::{MeshConfig, ServicePort};
-use mesh_core::host::{HostName, split_authority};
+use mesh_core::config::{MeshConfig, ServicePort, exported_to};
+use mesh_core::host::{HostName, split_authority, wildcard_matches};
 use mesh_core::labels::Labels;
 use mesh_core::{ProxyError, ResponseFlags};
 
@@ -264,23 +264,6 @@ impl RouteTable {
     }
 }
 
-/// Istio's `exportTo`: empty or `*` is everywhere, `.` the resource's own namespace, `~`
-/// nowhere, anything else a namespace name.
-pub(crate) fn exported_to(export_to: &[String], own: &str, namespace: &str) -> bool {
-    export_to.is_empty()
-        || export_to
-            .iter()
-            .any(|e| e == "*" || e == namespace || (e == "." && own == namespace))
-}
-
-/// `*.example.com` matches `api.example.com` (not `example.com`); `*` matches anything.
-pub(crate) fn wildcard_matches(pattern: &str, host: &str) -> bool {
-    match pattern.strip_prefix('*') {
-        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
-        None => pattern == host,
-    }
-}
-
 struct Builder<'a> {
     config: &'a MeshConfig,
     source: &'a SourceContext,
@@ -497,18 +480,6 @@ impl<'a> Builder<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn wildcards_and_export_rules() {
-        assert!(wildcard_matches("*.example.com", "api.example.com"));
-        assert!(!wildcard_matches("*.example.com", "example.com"));
-        assert!(wildcard_matches("*", "anything"));
-        let e = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(exported_to(&[], "a", "b"));
-        assert!(exported_to(&e(&["."]), "a", "a"));
-        assert!(!exported_to(&e(&["."]), "a", "b"));
-        assert!(!exported_to(&e(&["~"]), "a", "a"));
-    }
 
     #[test]
     fn gateways_resolve_in_the_virtual_services_namespace() {

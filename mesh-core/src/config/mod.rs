@@ -50,7 +50,7 @@ pub use load::{Kind, Source, load_files, load_sources};
 pub use networking::{
     DestinationRule, Gateway, Resolution, ServiceEntry, Sidecar, VirtualService, WorkloadEntry,
 };
-pub use registry::{DnsEndpoint, ServicePort, ServiceRegistry};
+pub use registry::{DnsEndpoint, ServicePort, ServiceRegistry, exported_to};
 pub use security::{AuthorizationPolicy, PeerAuthentication};
 pub use types::{Duration, Metadata, Origin, Percent, PortNumber, Protocol, Resource, StringMatch};
 

@@ -20,7 +20,7 @@ use super::networking::{
     Port, Resolution, ServiceEntry, ServiceLocation, WorkloadEntry, WorkloadEntrySpec,
 };
 use crate::endpoint::Endpoint;
-use crate::host::HostName;
+use crate::host::{HostName, wildcard_matches};
 use crate::labels::Labels;
 
 use super::types::Protocol;
@@ -273,18 +273,11 @@ fn service_port(
 
 /// Istio's `exportTo`: empty or `*` is everywhere, `.` the resource's own namespace, `~`
 /// nowhere, anything else a namespace name.
-pub(crate) fn exported_to(export_to: &[String], own: &str, namespace: &str) -> bool {
+pub fn exported_to(export_to: &[String], own: &str, namespace: &str) -> bool {
     export_to.is_empty()
         || export_to
             .iter()
             .any(|e| e == "*" || e == namespace || (e == "." && own == namespace))
-}
-
-fn wildcard_matches(pattern: &str, host: &str) -> bool {
-    match pattern.strip_prefix('*') {
-        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
-        None => pattern == host,
-    }
 }
 
 /// An owned `(host, port)` key. It hashes and compares exactly like the borrowed
@@ -357,13 +350,6 @@ impl Eq for AliasKey {}
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn wildcards_match_subdomains_only() {
-        assert!(wildcard_matches("*.example.com", "api.example.com"));
-        assert!(!wildcard_matches("*.example.com", "example.com"));
-        assert!(!wildcard_matches("*.example.com", "api.example.org"));
-    }
 
     #[test]
     fn export_to_rules() {
