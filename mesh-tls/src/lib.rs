@@ -1,11 +1,19 @@
-//! Mutual TLS for the mesh.
+//! Mutual TLS for the mesh, on rustls with the aws-lc-rs provider only.
 //!
-//! Nothing is implemented here yet: the foundation proxy speaks plaintext. This crate is where
-//! these belong, on rustls with the aws-lc-rs provider only:
-//!
-//! - a small CA (ECDSA P-256, SPIFFE URI SANs) behind `mesh-proxy ca init|issue`;
-//! - server and client configs that present this workload's SVID and verify the peer's
-//!   SPIFFE identity against the trust bundle, with certificate rotation from watched files;
-//! - `PeerAuthentication` modes (STRICT, PERMISSIVE, DISABLE) on the inbound listener;
-//! - `AuthorizationPolicy` evaluation as a tower layer on the inbound stack.
+//! - [`ca`]: a small CA (ECDSA P-256, SPIFFE URI SANs) behind `mesh-proxy ca init|issue`;
+//! - [`credentials`]: this workload's SVID and trust bundle, reloaded from watched files;
+//! - [`verify`]: chain verification against the trust bundle and SPIFFE identity checks;
+//! - [`acceptor`] / [`connector`]: the server and client sides of a mesh mTLS connection;
+//! - [`detect`]: telling a TLS ClientHello from plaintext (PERMISSIVE mode);
+//! - [`peer_auth`]: which `PeerAuthentication` mode applies to a workload's port;
+//! - [`authz`]: `AuthorizationPolicy` evaluation, and `AuthzLayer` for the inbound stack.
 #![forbid(unsafe_code)]
+
+pub mod acceptor;
+pub mod authz;
+pub mod ca;
+pub mod connector;
+pub mod credentials;
+pub mod detect;
+pub mod peer_auth;
+pub mod verify;
