@@ -12,6 +12,10 @@
 //! - `default_retries_body_1k`: a 1 KiB request body, copied for replay as the endpoint reads
 //!   it.
 //! - `no_retries_timeout`: `attempts: 0` and a route timeout: the pass-through path.
+//! - `all_layers`: `RequestTimeout → Retry → OutlierDetection → PoolLimits → endpoint` with
+//!   a 15 s route timeout, Istio's default retries, and a DestinationRule setting
+//!   `outlierDetection` and every `connectionPool` limit (so each counter is taken and given
+//!   back, and the response body holds the request slot until it ends).
 //!
 //! `cargo bench -p benches --bench resilience -- --warm-up-time 1 --measurement-time 3`
 
@@ -23,8 +27,12 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use mesh_core::body::{self, BoxBody, BoxError};
-use mesh_core::target::{RetryPolicy, RouteTarget};
+use mesh_core::config::networking::TrafficPolicy;
+use mesh_core::health::HealthRegistry;
+use mesh_core::target::{RetryPolicy, RouteTarget, UpstreamTarget};
 use mesh_resilience::doc_support::route_target;
+use mesh_resilience::outlier::OutlierDetectionLayer;
+use mesh_resilience::pool_limits::{CircuitBreakers, PoolLimitsLayer};
 use mesh_resilience::{RequestTimeoutLayer, RetryBudget, RetryLayer};
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
@@ -40,6 +48,33 @@ async fn endpoint(req: Request<BoxBody>) -> Result<Response<BoxBody>, BoxError> 
 /// The endpoint alone. Every case is boxed the same way, so the box's cost cancels out.
 fn bare() -> Svc {
     BoxCloneService::new(service_fn(endpoint))
+}
+
+/// `RequestTimeout → Retry → OutlierDetection → PoolLimits → endpoint`.
+fn with_all_layers() -> Svc {
+    let breakers = Arc::new(CircuitBreakers::default());
+    BoxCloneService::new(
+        ServiceBuilder::new()
+            .layer(RequestTimeoutLayer)
+            .layer(
+                RetryLayer::new(Arc::new(RetryBudget::default()))
+                    .with_circuit_breakers(breakers.clone()),
+            )
+            .layer(OutlierDetectionLayer::new(Arc::new(HealthRegistry::new())))
+            .layer(PoolLimitsLayer::new(breakers))
+            .service(service_fn(endpoint)),
+    )
+}
+
+/// A DestinationRule traffic policy with outlier detection and every pool limit set.
+fn limited_policy() -> TrafficPolicy {
+    let yaml = "
+connectionPool:
+  tcp: { maxConnections: 100, connectTimeout: 1s }
+  http: { http1MaxPendingRequests: 100, http2MaxRequests: 1000, maxRetries: 10, maxRequestsPerConnection: 100 }
+outlierDetection: { consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s }
+";
+    serde_saphyr::from_str(yaml).expect("a valid traffic policy")
 }
 
 /// `RequestTimeout → Retry → endpoint`.
@@ -85,6 +120,32 @@ fn success_path(c: &mut Criterion) {
         ),
     ];
     let mut group = c.benchmark_group("resilience/success");
+    {
+        let svc = with_all_layers();
+        let target = RouteTarget {
+            traffic_policy: Some(Arc::new(limited_policy())),
+            ..target(timeout, default())
+        };
+        let upstream = UpstreamTarget {
+            addr: "10.0.0.7:9080".parse().expect("an address"),
+            http2: false,
+            service: "reviews:9080".into(),
+        };
+        group.bench_function("all_layers", |b| {
+            b.to_async(&rt).iter(|| {
+                let mut svc = svc.clone();
+                let mut req = Request::new(body::empty());
+                req.extensions_mut().insert(target.clone());
+                req.extensions_mut().insert(upstream.clone());
+                async move {
+                    // Dropping the response (as the other cases do) gives the request slot,
+                    // held by its body, back.
+                    let resp = svc.ready().await?.call(req).await?;
+                    Ok::<_, BoxError>(black_box(resp))
+                }
+            })
+        });
+    }
     for (name, layered, timeout, retry, payload) in cases {
         let svc = if layered { with_layers() } else { bare() };
         let target = target(timeout, retry);

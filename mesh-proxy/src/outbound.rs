@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! LocalReply → ProxyHeaders → Route → RequestTimeout → Retry → Balance → OutlierDetection
-//!   → RecordEndpoint → Upstream
+//!   → PoolLimits → RecordEndpoint → Upstream
 //! ```
 //!
 //! [`Route`](mesh_routing::RouteLayer) finds the virtual host by the request's authority
@@ -17,12 +17,16 @@
 //! `RecordEndpoint` tells the retry layer which endpoint each attempt went to. Outlier
 //! detection (the DestinationRule's `outlierDetection`) counts each endpoint's consecutive
 //! errors in the health registry it shares with the balancer, which skips ejected endpoints.
+//! Connection-pool limits (the DestinationRule's `connectionPool`, Envoy's circuit breakers)
+//! count requests, pending requests, connections and retries per cluster and answer `503 UO`
+//! past a limit.
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use mesh_resilience::budget::RetryBudget;
 use mesh_resilience::outlier::OutlierDetectionLayer;
+use mesh_resilience::pool_limits::{CircuitBreakers, PoolLimitsLayer};
 use mesh_resilience::previous::RecordEndpointLayer;
 use mesh_resilience::retry::RetryLayer;
 use mesh_resilience::timeout::RequestTimeoutLayer;
@@ -42,6 +46,7 @@ pub fn stack(
     routes: &Arc<ArcSwap<RouteTable>>,
     balancer: &BalanceLayer,
     budget: &Arc<RetryBudget>,
+    breakers: &Arc<CircuitBreakers>,
     upstream: Upstream,
 ) -> HttpService {
     BoxCloneSyncService::new(
@@ -50,9 +55,10 @@ pub fn stack(
             .layer(ProxyHeadersLayer)
             .layer(RouteLayer::new(routes.clone()))
             .layer(RequestTimeoutLayer)
-            .layer(RetryLayer::new(budget.clone()))
+            .layer(RetryLayer::new(budget.clone()).with_circuit_breakers(breakers.clone()))
             .layer(balancer.clone())
             .layer(OutlierDetectionLayer::new(balancer.health()))
+            .layer(PoolLimitsLayer::new(breakers.clone()))
             .layer(RecordEndpointLayer)
             .service(upstream),
     )

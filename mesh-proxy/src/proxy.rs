@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use mesh_resilience::budget::RetryBudget;
+use mesh_resilience::pool_limits::CircuitBreakers;
 use mesh_routing::balance::BalanceLayer;
 use mesh_routing::{RouteTable, SourceContext};
 
@@ -166,7 +167,15 @@ impl RunningProxy {
         ));
         let upstream = Upstream::default();
         let app = inbound.as_ref().map(|(_, _, app, _)| *app);
-        let maintenance = tokio::spawn(maintain_pools(shared.clone(), upstream.clone(), app));
+        // Envoy's per-cluster circuit breakers (DestinationRule connectionPool), shared by the
+        // retry layer (maxRetries), the pool-limit layer and the connection pools.
+        let breakers = Arc::new(CircuitBreakers::default());
+        let maintenance = tokio::spawn(maintain_pools(
+            shared.clone(),
+            upstream.clone(),
+            breakers.clone(),
+            app,
+        ));
         let mut listeners = vec![tokio::spawn(server::serve(
             "outbound",
             out_listener,
@@ -174,6 +183,7 @@ impl RunningProxy {
                 &shared.routes,
                 &shared.balancer,
                 &Arc::new(RetryBudget::default()),
+                &breakers,
                 upstream.clone(),
             ),
             stop_rx.clone(),
@@ -269,7 +279,12 @@ const POOL_MAINTENANCE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Drains the pools of endpoints that discovery no longer lists (within one interval of their
 /// removal; requests in flight finish first) and closes connections idle past the timeout.
-async fn maintain_pools(shared: Arc<Shared>, upstream: Upstream, app: Option<SocketAddr>) {
+async fn maintain_pools(
+    shared: Arc<Shared>,
+    upstream: Upstream,
+    breakers: Arc<CircuitBreakers>,
+    app: Option<SocketAddr>,
+) {
     let mut tick = tokio::time::interval(POOL_MAINTENANCE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -283,6 +298,7 @@ async fn maintain_pools(shared: Arc<Shared>, upstream: Upstream, app: Option<Soc
             .collect();
         upstream.retain(|addr| live.contains(&addr));
         upstream.prune_idle();
+        breakers.prune();
     }
 }
 

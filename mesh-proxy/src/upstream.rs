@@ -13,6 +13,13 @@
 //!   arrive while it connects.
 //!
 //! The request's target is an [`UpstreamTarget`] in its extensions, set by the balancer.
+//!
+//! Connection-pool limits (`trafficPolicy.connectionPool`) arrive as a
+//! [`PoolAdmission`] extension from `mesh_resilience::pool_limits`: pools are kept per
+//! cluster (`reviews:9080/v2`) and endpoint, as Envoy's are, so the cluster's connection
+//! count is exact. When the cluster may open no more connections, a request waits in the
+//! pending queue (`http1MaxPendingRequests`, overflow `503 UO`) for one to come free, at
+//! most the fail-fast bound, then fails `503 UO`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -32,22 +39,26 @@ use mesh_core::ProxyError;
 use mesh_core::ResponseFlags;
 use mesh_core::body::{self, BoxBody, BoxError};
 pub use mesh_core::target::UpstreamTarget;
+use mesh_resilience::pool_limits::{DEFAULT_FAIL_FAST, Permit, PoolAdmission};
 use tokio::net::TcpStream;
 
 /// Istio's MeshConfig `connectTimeout` default.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long an HTTP/1.1 connection may sit unused in the pool before it is closed.
+/// How long an HTTP/1.1 connection may sit unused in the pool before it is closed, unless
+/// the cluster's `http.idleTimeout` says otherwise.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// An endpoint and whether it is spoken to over HTTP/2.
-type PoolKey = (SocketAddr, bool);
+/// The cluster (or, without one, the service), the endpoint, and whether it is spoken to over
+/// HTTP/2.
+type PoolKey = (Arc<str>, SocketAddr, bool);
 
 /// A cloneable service that forwards each request to its [`UpstreamTarget`].
 #[derive(Clone, Debug)]
 pub struct Upstream {
     pools: Arc<Mutex<HashMap<PoolKey, Arc<EndpointPool>>>>,
     connect_timeout: Duration,
+    fail_fast: Duration,
 }
 
 impl Default for Upstream {
@@ -61,7 +72,14 @@ impl Upstream {
         Upstream {
             pools: Arc::default(),
             connect_timeout,
+            fail_fast: DEFAULT_FAIL_FAST,
         }
+    }
+
+    /// How long a request may wait for a connection of a pool at its limit (default 3 s).
+    pub fn with_fail_fast(mut self, fail_fast: Duration) -> Self {
+        self.fail_fast = fail_fast;
+        self
     }
 
     /// Drains the pools of endpoints for which `keep` says no: their idle connections close
@@ -70,7 +88,7 @@ impl Upstream {
     /// pools.
     pub fn retain(&self, keep: impl Fn(SocketAddr) -> bool) {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        pools.retain(|(addr, _), _| keep(*addr));
+        pools.retain(|(_, addr, _), _| keep(*addr));
     }
 
     /// Closes HTTP/1.1 connections that the server closed or that sat idle past the idle
@@ -88,19 +106,30 @@ impl Upstream {
     /// The endpoints this client holds pools for.
     pub fn endpoints(&self) -> Vec<SocketAddr> {
         let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        pools.keys().map(|(addr, _)| *addr).collect()
+        let mut addrs: Vec<_> = pools.keys().map(|(_, addr, _)| *addr).collect();
+        addrs.sort();
+        addrs.dedup();
+        addrs
     }
 
-    fn pool(&self, target: &UpstreamTarget) -> Arc<EndpointPool> {
+    fn pool(
+        &self,
+        target: &UpstreamTarget,
+        admission: Option<&PoolAdmission>,
+    ) -> Arc<EndpointPool> {
+        let cluster = admission.map_or(&target.service, |a| a.cluster.name());
+        let key = (cluster.clone(), target.addr, target.http2);
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         pools
-            .entry((target.addr, target.http2))
+            .entry(key)
             .or_insert_with(|| {
                 Arc::new(EndpointPool {
                     addr: target.addr,
-                    connect_timeout: self.connect_timeout,
                     h1: Mutex::default(),
                     h2: Mutex::new(H2State::Idle),
+                    idle_timeout_ms: std::sync::atomic::AtomicU64::new(
+                        IDLE_TIMEOUT.as_millis() as u64
+                    ),
                 })
             })
             .clone()
@@ -114,11 +143,24 @@ impl Upstream {
             )
             .into());
         };
-        let pool = self.pool(&target);
+        let admission = req.extensions().get::<PoolAdmission>().cloned();
+        let pool = self.pool(&target, admission.as_ref());
+        let limits = Checkout {
+            admission,
+            connect_timeout: self.connect_timeout,
+            fail_fast: self.fail_fast,
+        };
+        if let Some(a) = &limits.admission {
+            let idle = a.limits.idle_timeout.unwrap_or(IDLE_TIMEOUT);
+            pool.idle_timeout_ms.store(
+                idle.as_millis() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
         let result = if target.http2 {
-            pool.send_h2(&target, req).await
+            pool.send_h2(&target, &limits, req).await
         } else {
-            pool.send_h1(&target, req).await
+            pool.send_h1(&target, &limits, req).await
         };
         Ok(result?.map(body::boxed))
     }
@@ -149,10 +191,69 @@ enum H2State {
 /// The connections of one endpoint.
 struct EndpointPool {
     addr: SocketAddr,
-    connect_timeout: Duration,
-    /// HTTP/1.1 connections, busy or idle, with when each was last handed out.
-    h1: Mutex<Vec<(http1::SendRequest<BoxBody>, Instant)>>,
+    /// HTTP/1.1 connections, busy or idle.
+    h1: Mutex<Vec<H1Conn>>,
     h2: Mutex<H2State>,
+    /// The cluster's `http.idleTimeout` as last seen, in milliseconds.
+    idle_timeout_ms: std::sync::atomic::AtomicU64,
+}
+
+/// A pooled HTTP/1.1 connection: when it was last handed out and how many requests it has
+/// carried (for `maxRequestsPerConnection`).
+struct H1Conn {
+    sender: http1::SendRequest<BoxBody>,
+    used: Instant,
+    requests: u32,
+}
+
+/// What one request brings to the pool: its cluster's limits, if any, and the proxy's
+/// defaults.
+struct Checkout {
+    admission: Option<PoolAdmission>,
+    connect_timeout: Duration,
+    fail_fast: Duration,
+}
+
+impl Checkout {
+    fn connect_timeout(&self) -> Duration {
+        self.admission
+            .as_ref()
+            .and_then(|a| a.limits.connect_timeout)
+            .unwrap_or(self.connect_timeout)
+    }
+
+    /// A connection slot of the cluster: `Ok(None)` without limits, `Err` when full.
+    fn connection_permit(&self) -> Result<Option<Permit>, ()> {
+        match &self.admission {
+            None => Ok(None),
+            Some(a) => a.cluster.try_connection(&a.limits).map(Some).ok_or(()),
+        }
+    }
+
+    /// Joins the cluster's pending queue, or fails `503 UO` when it is full.
+    fn pending_permit(&self, a: &PoolAdmission) -> Result<Permit, ProxyError> {
+        a.cluster.try_pending(&a.limits).ok_or_else(|| {
+            a.cluster
+                .overflow("pending requests", a.limits.max_pending_requests)
+        })
+    }
+
+    fn fail_fast_error(&self, target: &UpstreamTarget, addr: SocketAddr) -> ProxyError {
+        ProxyError::new(
+            ResponseFlags::UPSTREAM_OVERFLOW,
+            format_args!(
+                "upstream overflow: no connection to {} endpoint {addr} came free within {:?} \
+                 (connectionPool limits; fail fast)",
+                target.service, self.fail_fast
+            ),
+        )
+    }
+
+    fn notify_released(&self) {
+        if let Some(a) = &self.admission {
+            a.cluster.notify_released();
+        }
+    }
 }
 
 impl std::fmt::Debug for EndpointPool {
@@ -163,33 +264,59 @@ impl std::fmt::Debug for EndpointPool {
     }
 }
 
+/// How a request got its HTTP/1.1 connection.
+enum H1Checkout {
+    /// An idle pooled connection.
+    Idle(H1Conn),
+    /// A busy one, taken out of the pool to wait for its exchange to end.
+    Busy(H1Conn),
+    /// None: the caller may dial.
+    None,
+}
+
 impl EndpointPool {
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(
+            self.idle_timeout_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
     /// Drops closed and long-idle HTTP/1.1 connections.
     fn prune_h1(&self) {
         let mut conns = self.h1.lock().unwrap_or_else(|p| p.into_inner());
-        prune(&mut conns);
+        prune(&mut conns, self.idle_timeout());
     }
 
-    /// A ready HTTP/1.1 connection from the pool, pruning closed and long-idle ones.
-    fn checkout_h1(&self) -> Option<http1::SendRequest<BoxBody>> {
+    /// A ready HTTP/1.1 connection from the pool (pruning closed and long-idle ones), else,
+    /// when `take_busy`, a busy one to wait on.
+    fn checkout_h1(&self, take_busy: bool) -> H1Checkout {
         let mut conns = self.h1.lock().unwrap_or_else(|p| p.into_inner());
-        prune(&mut conns);
-        let i = conns.iter().position(|(c, _)| c.is_ready())?;
-        Some(conns.swap_remove(i).0)
+        prune(&mut conns, self.idle_timeout());
+        if let Some(i) = conns.iter().position(|c| c.sender.is_ready()) {
+            return H1Checkout::Idle(conns.swap_remove(i));
+        }
+        if take_busy && !conns.is_empty() {
+            return H1Checkout::Busy(conns.swap_remove(0));
+        }
+        H1Checkout::None
     }
 
-    fn checkin_h1(&self, conn: http1::SendRequest<BoxBody>) {
+    fn checkin_h1(&self, mut conn: H1Conn) {
+        conn.used = Instant::now();
         let mut conns = self.h1.lock().unwrap_or_else(|p| p.into_inner());
-        conns.push((conn, Instant::now()));
+        conns.push(conn);
     }
 
     async fn connect_h1(
         &self,
         target: &UpstreamTarget,
-    ) -> Result<http1::SendRequest<BoxBody>, ProxyError> {
+        checkout: &Checkout,
+        permit: Option<Permit>,
+    ) -> Result<H1Conn, ProxyError> {
         let connect_failed =
             |e: &dyn std::fmt::Display| ProxyError::connect_failed(&target.service, self.addr, e);
-        let io = dial(self.addr, self.connect_timeout)
+        let io = dial(self.addr, checkout.connect_timeout())
             .await
             .map_err(|e| connect_failed(&e))?;
         let (sender, conn) = http1::Builder::new()
@@ -200,27 +327,86 @@ impl EndpointPool {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
             }
+            // The cluster's connection slot is given back (and pending requests woken) only
+            // when the connection is really gone.
+            drop(permit);
         });
-        Ok(sender)
+        Ok(H1Conn {
+            sender,
+            used: Instant::now(),
+            requests: 0,
+        })
+    }
+
+    /// A connection for one request: an idle one; else a new one, if the cluster may open
+    /// one; else, as a pending request, the next to come free (bounded by fail fast).
+    async fn acquire_h1(
+        &self,
+        target: &UpstreamTarget,
+        checkout: &Checkout,
+    ) -> Result<(H1Conn, bool), ProxyError> {
+        let deadline = tokio::time::Instant::now() + checkout.fail_fast;
+        let mut pending: Option<Permit> = None;
+        loop {
+            let Some(admission) = &checkout.admission else {
+                return match self.checkout_h1(false) {
+                    H1Checkout::Idle(c) | H1Checkout::Busy(c) => Ok((c, false)),
+                    H1Checkout::None => Ok((self.connect_h1(target, checkout, None).await?, true)),
+                };
+            };
+            // Registered before looking, so a release in between is not missed.
+            let released = admission.cluster.released();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            match self.checkout_h1(pending.is_some()) {
+                H1Checkout::Idle(c) => return Ok((c, false)),
+                H1Checkout::Busy(mut c) => {
+                    // Wait for its exchange to end; a connection that closes instead frees
+                    // its slot, and the loop dials.
+                    let ready = tokio::time::timeout_at(deadline, c.sender.ready()).await;
+                    match ready {
+                        Ok(Ok(())) => return Ok((c, false)),
+                        Ok(Err(_)) => continue,
+                        Err(_) => {
+                            self.checkin_h1(c);
+                            return Err(checkout.fail_fast_error(target, self.addr));
+                        }
+                    }
+                }
+                H1Checkout::None => {}
+            }
+            if let Ok(permit) = checkout.connection_permit() {
+                return Ok((self.connect_h1(target, checkout, permit).await?, true));
+            }
+            if pending.is_none() {
+                pending = Some(checkout.pending_permit(admission)?);
+                continue;
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return Err(checkout.fail_fast_error(target, self.addr));
+            }
+        }
     }
 
     async fn send_h1(
         &self,
         target: &UpstreamTarget,
+        checkout: &Checkout,
         req: Request<BoxBody>,
     ) -> Result<Response<hyper::body::Incoming>, ProxyError> {
         let mut req = to_http1(req);
+        let max_per_conn = checkout
+            .admission
+            .as_ref()
+            .and_then(|a| a.limits.max_requests_per_connection);
         // A pooled connection may have been closed by the server since its last use; the
         // request comes back unsent, and goes out once more on a fresh connection.
         let mut fresh_tried = false;
         loop {
-            let (mut conn, fresh) = match self.checkout_h1() {
-                Some(conn) => (conn, false),
-                None => (self.connect_h1(target).await?, true),
-            };
+            let (mut conn, fresh) = self.acquire_h1(target, checkout).await?;
             fresh_tried |= fresh;
             // A fresh connection may still be finishing its handshake.
-            if conn.ready().await.is_err() {
+            if conn.sender.ready().await.is_err() {
                 if fresh {
                     return Err(ProxyError::connect_failed(
                         &target.service,
@@ -230,9 +416,15 @@ impl EndpointPool {
                 }
                 continue;
             }
-            match conn.try_send_request(req).await {
+            conn.requests = conn.requests.saturating_add(1);
+            match conn.sender.try_send_request(req).await {
                 Ok(response) => {
-                    self.checkin_h1(conn);
+                    // At `maxRequestsPerConnection` the connection is not pooled again: it
+                    // closes when this exchange ends.
+                    if max_per_conn.is_none_or(|max| conn.requests < max) {
+                        self.checkin_h1(conn);
+                        checkout.notify_released();
+                    }
                     return Ok(response);
                 }
                 Err(mut e) => match e.take_message() {
@@ -249,38 +441,43 @@ impl EndpointPool {
     async fn h2_sender(
         &self,
         target: &UpstreamTarget,
+        checkout: &Checkout,
     ) -> Result<http2::SendRequest<BoxBody>, ProxyError> {
-        let connecting = {
-            let mut state = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-            match &*state {
-                H2State::Ready(s) if !s.is_closed() => return Ok(s.clone()),
-                H2State::Connecting(fut) => fut.clone(),
-                _ => {
-                    let addr = self.addr;
-                    let timeout = self.connect_timeout;
-                    let fut: H2Connect = async move {
-                        let io = dial(addr, timeout)
-                            .await
-                            .map_err(|e| Arc::<str>::from(e.to_string()))?;
-                        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                            .timer(TokioTimer::new())
-                            .handshake(io)
-                            .await
-                            .map_err(|e| Arc::<str>::from(e.to_string()))?;
-                        tokio::spawn(async move {
-                            if let Err(e) = conn.await {
-                                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-                            }
-                        });
-                        Ok(sender)
-                    }
-                    .boxed()
-                    .shared();
+        let deadline = tokio::time::Instant::now() + checkout.fail_fast;
+        let mut pending: Option<Permit> = None;
+        let connecting = loop {
+            let released = checkout.admission.as_ref().map(|a| a.cluster.released());
+            let mut released = std::pin::pin!(released);
+            if let Some(r) = released.as_mut().as_pin_mut() {
+                r.enable();
+            }
+            // The lock is held only in this block, never across an await.
+            {
+                let mut state = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+                match &*state {
+                    H2State::Ready(s) if !s.is_closed() => return Ok(s.clone()),
+                    H2State::Connecting(fut) => break fut.clone(),
+                    _ => {}
+                }
+                if let Ok(permit) = checkout.connection_permit() {
+                    let fut = h2_connect(self.addr, checkout.connect_timeout(), permit);
                     *state = H2State::Connecting(fut.clone());
-                    fut
+                    break fut;
                 }
             }
+            // The cluster is at maxConnections: wait, as a pending request, for one to close.
+            if let (None, Some(a)) = (&pending, &checkout.admission) {
+                pending = Some(checkout.pending_permit(a)?);
+            }
+            let waited = match released.as_mut().as_pin_mut() {
+                Some(r) => tokio::time::timeout_at(deadline, r).await.is_ok(),
+                None => false,
+            };
+            if !waited {
+                return Err(checkout.fail_fast_error(target, self.addr));
+            }
         };
+        drop(pending);
         let result = connecting.await;
         let mut state = self.h2.lock().unwrap_or_else(|p| p.into_inner());
         match result {
@@ -302,10 +499,11 @@ impl EndpointPool {
     async fn send_h2(
         &self,
         target: &UpstreamTarget,
+        checkout: &Checkout,
         req: Request<BoxBody>,
     ) -> Result<Response<hyper::body::Incoming>, ProxyError> {
         let req = to_http2(req);
-        let mut sender = self.h2_sender(target).await?;
+        let mut sender = self.h2_sender(target, checkout).await?;
         sender
             .ready()
             .await
@@ -317,12 +515,36 @@ impl EndpointPool {
     }
 }
 
-/// Keeps the HTTP/1.1 connections that are open and not idle past [`IDLE_TIMEOUT`].
-fn prune(conns: &mut Vec<(http1::SendRequest<BoxBody>, Instant)>) {
+/// Dials an HTTP/2 connection, once, for every request that arrives while it connects. The
+/// cluster's connection slot goes with the connection.
+fn h2_connect(addr: SocketAddr, timeout: Duration, permit: Option<Permit>) -> H2Connect {
+    async move {
+        let io = dial(addr, timeout)
+            .await
+            .map_err(|e| Arc::<str>::from(e.to_string()))?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(|e| Arc::<str>::from(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+            }
+            drop(permit);
+        });
+        Ok(sender)
+    }
+    .boxed()
+    .shared()
+}
+
+/// Keeps the HTTP/1.1 connections that are open and not idle past `idle_timeout`.
+fn prune(conns: &mut Vec<H1Conn>, idle_timeout: Duration) {
     let now = Instant::now();
-    conns.retain(|(c, used)| {
-        let idle_too_long = c.is_ready() && now.duration_since(*used) > IDLE_TIMEOUT;
-        !c.is_closed() && !idle_too_long
+    conns.retain(|c| {
+        let idle_too_long = c.sender.is_ready() && now.duration_since(c.used) > idle_timeout;
+        !c.sender.is_closed() && !idle_too_long
     });
 }
 

@@ -109,12 +109,12 @@
 //! - [`previous`]: the endpoints a request already tried.
 //! - [`outlier`]: outlier detection, ejecting endpoints into `mesh_core::health`.
 //! - [`rate_limit`]: the inbound local rate limit (Bootstrap `rateLimit`).
-//!
-//! Connection-pool limits belong here too; they are not written yet.
+//! - [`pool_limits`]: connection-pool limits (`connectionPool`, Envoy's circuit breakers).
 #![forbid(unsafe_code)]
 
 pub mod budget;
 pub mod outlier;
+pub mod pool_limits;
 pub mod previous;
 pub mod rate_limit;
 pub mod replay;

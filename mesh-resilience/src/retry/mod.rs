@@ -130,6 +130,7 @@ use tower::ServiceExt;
 pub use self::backoff::Backoff;
 use self::classify::Verdict;
 use crate::budget::RetryBudget;
+use crate::pool_limits::{CircuitBreakers, Cluster, Permit, PoolLimits};
 pub use crate::previous::PreviousAttempts;
 use crate::replay::Replay;
 
@@ -141,6 +142,7 @@ pub const RESPONSE_PEEK_LIMIT: usize = 64 * 1024;
 pub struct RetryLayer {
     budget: Arc<RetryBudget>,
     body_limit: usize,
+    breakers: Option<Arc<CircuitBreakers>>,
 }
 
 impl RetryLayer {
@@ -150,7 +152,16 @@ impl RetryLayer {
         RetryLayer {
             budget,
             body_limit: Replay::DEFAULT_LIMIT,
+            breakers: None,
         }
+    }
+
+    /// Also bounds the retries in flight per cluster by the DestinationRule's
+    /// `connectionPool.http.maxRetries` (Envoy's `max_retries` circuit breaker), counted in
+    /// `breakers`; a retry past it is not made, and the failure is returned with `UO`.
+    pub fn with_circuit_breakers(mut self, breakers: Arc<CircuitBreakers>) -> Self {
+        self.breakers = Some(breakers);
+        self
     }
 
     /// Changes how much of a request body is kept for replay.
@@ -167,6 +178,7 @@ impl<S> tower::Layer<S> for RetryLayer {
             inner,
             budget: self.budget.clone(),
             body_limit: self.body_limit,
+            breakers: self.breakers.clone(),
         }
     }
 }
@@ -177,6 +189,7 @@ pub struct Retry<S> {
     inner: S,
     budget: Arc<RetryBudget>,
     body_limit: usize,
+    breakers: Option<Arc<CircuitBreakers>>,
 }
 
 impl<S> tower::Service<Request<BoxBody>> for Retry<S>
@@ -196,9 +209,13 @@ where
     }
 
     fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
-        let (policy, name) = match req.extensions().get::<RouteTarget>() {
+        let (policy, name, retry_limit) = match req.extensions().get::<RouteTarget>() {
             Some(t) if retries_enabled(&t.retry) && req.method() != Method::CONNECT => {
-                (t.retry.clone(), t.name.clone())
+                let limit = self.breakers.as_ref().and_then(|b| {
+                    let limits = PoolLimits::for_target(t);
+                    (limits.max_retries != usize::MAX).then(|| (b.cluster(&t.name), limits))
+                });
+                (t.retry.clone(), t.name.clone(), limit)
             }
             _ => {
                 return ResponseFuture {
@@ -229,6 +246,7 @@ where
             policy,
             name,
             budget: self.budget.clone(),
+            retry_limit,
         };
         ResponseFuture {
             kind: Kind::First {
@@ -345,6 +363,8 @@ struct Attempts<S> {
     policy: Arc<RetryPolicy>,
     name: Arc<str>,
     budget: Arc<RetryBudget>,
+    /// The cluster's `maxRetries` counter, when the route's DestinationRule sets one.
+    retry_limit: Option<(Arc<Cluster>, PoolLimits)>,
 }
 
 impl<S> Attempts<S> {
@@ -397,6 +417,8 @@ impl<S> Attempts<S> {
         let max = self.policy.attempts.saturating_add(1);
         let backoff = Backoff::new(self.policy.backoff);
         let mut attempt = 1;
+        // The slot of the retry in flight, if the cluster counts them.
+        let mut _retry_slot: Option<Permit> = None;
         loop {
             let retriable = match verdict {
                 Verdict::Done => false,
@@ -421,6 +443,23 @@ impl<S> Attempts<S> {
                     ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED,
                     format_args!("retry limit exceeded after {attempt} attempts"),
                 );
+            }
+            if let Some((cluster, limits)) = &self.retry_limit {
+                _retry_slot = None;
+                match cluster.try_retry(limits) {
+                    Some(slot) => _retry_slot = Some(slot),
+                    None => {
+                        tracing::debug!(service = %self.name, attempt, "not retried: maxRetries in flight");
+                        return flagged(
+                            outcome,
+                            ResponseFlags::UPSTREAM_OVERFLOW,
+                            format_args!(
+                                "retry overflow: {} retries already in flight (maxRetries)",
+                                limits.max_retries
+                            ),
+                        );
+                    }
+                }
             }
             if !self.budget.withdraw() {
                 tracing::debug!(service = %self.name, attempt, "not retried: retry budget exhausted");
