@@ -1,5 +1,7 @@
 //! `mesh-proxy`: the sidecar's command line.
 
+mod ca_cmd;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -40,6 +42,11 @@ enum Command {
         #[arg(long = "config", short = 'c', required = true)]
         config: Vec<PathBuf>,
     },
+    /// A small CA for the mesh: create a root, issue workload certificates.
+    Ca {
+        #[command(subcommand)]
+        command: ca_cmd::CaCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -48,6 +55,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { config } => validate(&config),
         Command::Run { config } => run(&config),
+        Command::Ca { command } => ca_cmd::run(command),
     }
 }
 

@@ -17,3 +17,8 @@ pub mod credentials;
 pub mod detect;
 pub mod peer_auth;
 pub mod verify;
+
+pub use acceptor::{Accepted, MtlsAcceptor};
+pub use ca::{CaError, CertificateAuthority, IssuedCertificate};
+pub use connector::{Connected, MtlsConnector, OriginationTls};
+pub use credentials::{Credentials, TlsError};
