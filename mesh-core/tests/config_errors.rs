@@ -535,3 +535,201 @@ spec:
         .is_ok()
     );
 }
+
+/// An AuthorizationPolicy document in namespace `foo` with `spec` (indented YAML).
+fn authz(spec: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ap, namespace: foo}}\nspec:\n{spec}\n"
+    )
+}
+
+#[test]
+fn authorization_policy_jwt_fields_are_rejected_by_name() {
+    let e = single(&authz(
+        "  rules:\n  - from:\n    - source:\n        requestPrincipals: [\"issuer/*\"]",
+    ));
+    assert_eq!(
+        e.path.as_deref(),
+        Some("spec.rules[0].from[0].source.requestPrincipals")
+    );
+    assert!(
+        e.message
+            .contains("requestPrincipals needs RequestAuthentication (JWT)"),
+        "{e}"
+    );
+    assert_eq!(e.line, Some(8));
+
+    let e = single(&authz(
+        "  rules:\n  - from: [{source: {principals: [a]}}]\n    when:\n    - key: request.auth.claims[iss]\n      values: [x]",
+    ));
+    assert_eq!(e.path.as_deref(), Some("spec.rules[0].when[0].key"));
+    assert!(
+        e.message
+            .contains("`request.auth.claims[iss]` needs RequestAuthentication"),
+        "{e}"
+    );
+
+    let e = single(&authz(
+        "  rules:\n  - from:\n    - source:\n        notRequestPrincipals: [x]",
+    ));
+    assert_eq!(
+        e.path.as_deref(),
+        Some("spec.rules[0].from[0].source.notRequestPrincipals")
+    );
+}
+
+#[test]
+fn authorization_policy_condition_keys_and_values_are_checked() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "  rules: [{when: [{key: source.user, values: [a]}]}]",
+            "spec.rules[0].when[0].key",
+            "unsupported attribute `source.user`",
+        ),
+        (
+            "  rules: [{when: [{key: connection.sni, values: [a]}]}]",
+            "spec.rules[0].when[0].key",
+            "unsupported attribute `connection.sni`",
+        ),
+        (
+            "  rules: [{when: [{key: \"request.headers[]\", values: [a]}]}]",
+            "spec.rules[0].when[0].key",
+            "must be `request.headers[<name>]`",
+        ),
+        (
+            "  rules: [{when: [{key: \"request.headers[x-token\", values: [a]}]}]",
+            "spec.rules[0].when[0].key",
+            "must be `request.headers[<name>]`",
+        ),
+        (
+            "  rules: [{when: [{key: \"request.headers[bad name]\", values: [a]}]}]",
+            "spec.rules[0].when[0].key",
+            "not a valid header name",
+        ),
+        (
+            "  rules: [{when: [{key: \"request.headers[:authority]\", values: [a]}]}]",
+            "spec.rules[0].when[0].key",
+            "pseudo-headers are not supported",
+        ),
+        (
+            "  rules: [{when: [{key: source.ip, values: [10.0.0.0/33]}]}]",
+            "spec.rules[0].when[0].values[0]",
+            "not an IP address or CIDR",
+        ),
+        (
+            "  rules: [{when: [{key: destination.ip, notValues: [10.0.0.1, nope]}]}]",
+            "spec.rules[0].when[0].notValues[1]",
+            "not an IP address or CIDR",
+        ),
+        (
+            "  rules: [{when: [{key: destination.port, values: [\"http\"]}]}]",
+            "spec.rules[0].when[0].values[0]",
+            "not a port number",
+        ),
+        (
+            "  rules: [{when: [{key: source.namespace, values: [\"\"]}]}]",
+            "spec.rules[0].when[0].values[0]",
+            "empty value is not allowed",
+        ),
+    ];
+    for (spec, path, message) in cases {
+        let e = single(&authz(spec));
+        assert_eq!(e.path.as_deref(), Some(*path), "{spec}: {e}");
+        assert!(
+            e.message.contains(message),
+            "{spec}: expected `{message}` in: {e}"
+        );
+    }
+}
+
+#[test]
+fn authorization_policy_sources_operations_and_paths_are_checked() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "  rules: [{from: [{source: {}}]}]",
+            "spec.rules[0].from[0].source",
+            "`from.source` must not be empty",
+        ),
+        (
+            "  rules: [{to: [{operation: {}}]}]",
+            "spec.rules[0].to[0].operation",
+            "`to.operation` must not be empty",
+        ),
+        (
+            "  rules: [{from: [{source: {principals: [a, \"\"]}}]}]",
+            "spec.rules[0].from[0].source.principals[1]",
+            "empty value is not allowed",
+        ),
+        (
+            "  rules: [{to: [{operation: {methods: [\"\"]}}]}]",
+            "spec.rules[0].to[0].operation.methods[0]",
+            "empty value is not allowed",
+        ),
+        (
+            "  rules: [{from: [{source: {serviceAccounts: [web]}}]}]",
+            "spec.rules[0].from[0].source.serviceAccounts[0]",
+            "is not `<namespace>/<serviceaccount>`",
+        ),
+        (
+            "  rules: [{to: [{operation: {notPorts: [\"70000\"]}}]}]",
+            "spec.rules[0].to[0].operation.notPorts[0]",
+            "not a port number",
+        ),
+        (
+            "  rules: [{to: [{operation: {paths: [\"/a/{**}/b\"]}}]}]",
+            "spec.rules[0].to[0].operation.paths[0]",
+            "`{**}` must be the last segment",
+        ),
+        (
+            "  rules: [{to: [{operation: {notPaths: [\"/a/x{*}\"]}}]}]",
+            "spec.rules[0].to[0].operation.notPaths[0]",
+            "must be whole path segments",
+        ),
+        (
+            "  rules: [{to: [{operation: {paths: [\"/a/{id}\"]}}]}]",
+            "spec.rules[0].to[0].operation.paths[0]",
+            "must be whole path segments",
+        ),
+        (
+            "  rules: [{to: [{operation: {paths: [\"a/{*}\"]}}]}]",
+            "spec.rules[0].to[0].operation.paths[0]",
+            "must start with `/`",
+        ),
+        (
+            "  rules: [{from: [{source: {notRemoteIpBlocks: [\"1.2.3.4/x\"]}}]}]",
+            "spec.rules[0].from[0].source.notRemoteIpBlocks[0]",
+            "not an IP address or CIDR",
+        ),
+    ];
+    for (spec, path, message) in cases {
+        let e = single(&authz(spec));
+        assert_eq!(e.path.as_deref(), Some(*path), "{spec}: {e}");
+        assert!(
+            e.message.contains(message),
+            "{spec}: expected `{message}` in: {e}"
+        );
+        assert!(e.line.is_some(), "no line: {e}");
+    }
+
+    // What Istio accepts loads.
+    let ok = authz(
+        "  rules:\n  - from: [{source: {principals: [\"*\"], serviceAccounts: [foo/web], notIpBlocks: [10.0.0.1]}}]\n    to: [{operation: {paths: [\"/a/{*}/b\", \"/static/{**}\", \"/api/*\", \"*.png\"], ports: [\"8080\"]}}]\n    when:\n    - {key: \"request.headers[X-Token]\", values: [\"*\"]}\n    - {key: remote.ip, notValues: [\"::1\"]}\n    - {key: destination.port, values: [\"9000\"]}\n    - {key: source.principal, values: [\"cluster.local/*\"]}",
+    );
+    if let Err(e) = config::load_sources(&[Source::new("ok.yaml", ok.as_str())]) {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn peer_authentication_port_level_needs_match_labels() {
+    for selector in ["", "  selector: {matchLabels: {}}\n"] {
+        let e = single(&format!(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: pa, namespace: foo}}\nspec:\n{selector}  portLevelMtls: {{\"8080\": {{mode: DISABLE}}}}\n"
+        ));
+        assert_eq!(e.path.as_deref(), Some("spec.portLevelMtls"), "{e}");
+        assert!(
+            e.message.contains("needs a selector with matchLabels"),
+            "{e}"
+        );
+    }
+}

@@ -808,12 +808,83 @@ pub(crate) fn sidecar(sc: &SidecarSpec, out: &mut Issues) {
 }
 
 pub(crate) fn peer_authentication(pa: &PeerAuthenticationSpec, out: &mut Issues) {
-    if !pa.port_level_mtls.is_empty() && pa.selector.is_none() {
-        out.add("spec.portLevelMtls", "portLevelMtls needs a selector");
+    // Istio: a policy without matchLabels is namespace- or mesh-wide, and those cannot set
+    // port-level mTLS (an empty `selector: {}` counts as none).
+    let selects = pa
+        .selector
+        .as_ref()
+        .is_some_and(|s| !s.match_labels.is_empty());
+    if !pa.port_level_mtls.is_empty() && !selects {
+        out.add(
+            "spec.portLevelMtls",
+            "portLevelMtls needs a selector with matchLabels: a namespace- or mesh-wide \
+             PeerAuthentication cannot set port-level mTLS",
+        );
     }
 }
 
 pub(crate) fn authorization_policy(ap: &AuthorizationPolicySpec, out: &mut Issues) {
+    /// The `when` keys this proxy evaluates (Istio's, less JWT and SNI).
+    const KEYS: &str = "request.headers[<name>], source.ip, remote.ip, source.namespace, \
+                        source.principal, destination.ip, destination.port";
+    const JWT: &str = "needs RequestAuthentication (JWT), which is not supported";
+
+    fn no_empty(out: &mut Issues, path: &str, field: &str, values: &[String]) {
+        for (k, v) in values.iter().enumerate() {
+            if v.is_empty() {
+                out.add(format!("{path}.{field}[{k}]"), "empty value is not allowed");
+            }
+        }
+    }
+    fn ips(out: &mut Issues, path: &str, values: &[String]) {
+        for (k, v) in values.iter().enumerate() {
+            if !is_ip_or_cidr(v) {
+                out.add(
+                    format!("{path}[{k}]"),
+                    format!("`{v}` is not an IP address or CIDR"),
+                );
+            }
+        }
+    }
+    fn ports(out: &mut Issues, path: &str, values: &[String]) {
+        for (k, port) in values.iter().enumerate() {
+            if port.parse::<u16>().ok().filter(|p| *p > 0).is_none() {
+                out.add(
+                    format!("{path}[{k}]"),
+                    format!("`{port}` is not a port number in 1..=65535"),
+                );
+            }
+        }
+    }
+    /// Envoy URI templates (`{*}`, `{**}`) as Istio accepts them: whole segments only,
+    /// `{**}` at most once and last, no other `*`, `{` or `}`.
+    fn path_template(out: &mut Issues, path: &str, value: &str) {
+        if !value.contains('{') && !value.contains('}') {
+            return;
+        }
+        let mut fail = |why: &str| {
+            out.add(
+                path.to_string(),
+                format!("`{value}` is not a valid path template: {why}"),
+            );
+        };
+        let Some(rest) = value.strip_prefix('/') else {
+            return fail("it must start with `/`");
+        };
+        let segments: Vec<&str> = rest.split('/').collect();
+        for (i, seg) in segments.iter().enumerate() {
+            match *seg {
+                "{*}" => {}
+                "{**}" if i + 1 == segments.len() => {}
+                "{**}" => return fail("`{**}` must be the last segment"),
+                s if s.contains(['{', '}', '*']) => {
+                    return fail("`{*}` and `{**}` must be whole path segments");
+                }
+                _ => {}
+            }
+        }
+    }
+
     if ap.action == AuthorizationAction::Custom {
         out.add(
             "spec.action",
@@ -836,17 +907,54 @@ pub(crate) fn authorization_policy(ap: &AuthorizationPolicySpec, out: &mut Issue
         for (j, from) in rule.from.iter().enumerate() {
             let s = &from.source;
             let sp = format!("{p}.from[{j}].source");
+            let lists = [
+                ("principals", &s.principals),
+                ("notPrincipals", &s.not_principals),
+                ("namespaces", &s.namespaces),
+                ("notNamespaces", &s.not_namespaces),
+                ("serviceAccounts", &s.service_accounts),
+                ("notServiceAccounts", &s.not_service_accounts),
+                ("ipBlocks", &s.ip_blocks),
+                ("notIpBlocks", &s.not_ip_blocks),
+                ("remoteIpBlocks", &s.remote_ip_blocks),
+                ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+                ("requestPrincipals", &s.request_principals),
+                ("notRequestPrincipals", &s.not_request_principals),
+            ];
+            if lists.iter().all(|(_, l)| l.is_empty()) {
+                out.add(sp.clone(), "`from.source` must not be empty");
+            }
+            for (field, values) in lists {
+                no_empty(out, &sp, field, values);
+            }
+            for (field, values) in [
+                ("requestPrincipals", &s.request_principals),
+                ("notRequestPrincipals", &s.not_request_principals),
+            ] {
+                if !values.is_empty() {
+                    out.add(format!("{sp}.{field}"), format!("{field} {JWT}"));
+                }
+            }
             for (field, blocks) in [
                 ("ipBlocks", &s.ip_blocks),
                 ("notIpBlocks", &s.not_ip_blocks),
                 ("remoteIpBlocks", &s.remote_ip_blocks),
                 ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
             ] {
-                for (k, block) in blocks.iter().enumerate() {
-                    if !is_ip_or_cidr(block) {
+                ips(out, &format!("{sp}.{field}"), blocks);
+            }
+            for (field, accounts) in [
+                ("serviceAccounts", &s.service_accounts),
+                ("notServiceAccounts", &s.not_service_accounts),
+            ] {
+                for (k, sa) in accounts.iter().enumerate() {
+                    let ok = sa.split_once('/').is_some_and(|(ns, name)| {
+                        !ns.is_empty() && !name.is_empty() && !name.contains('/')
+                    });
+                    if !ok && !sa.is_empty() {
                         out.add(
                             format!("{sp}.{field}[{k}]"),
-                            format!("`{block}` is not an IP address or CIDR"),
+                            format!("`{sa}` is not `<namespace>/<serviceaccount>`"),
                         );
                     }
                 }
@@ -854,24 +962,84 @@ pub(crate) fn authorization_policy(ap: &AuthorizationPolicySpec, out: &mut Issue
         }
         for (j, to) in rule.to.iter().enumerate() {
             let op = &to.operation;
-            for (field, ports) in [("ports", &op.ports), ("notPorts", &op.not_ports)] {
-                for (k, port) in ports.iter().enumerate() {
-                    if port.parse::<u16>().ok().filter(|p| *p > 0).is_none() {
-                        out.add(
-                            format!("{p}.to[{j}].operation.{field}[{k}]"),
-                            format!("`{port}` is not a port number in 1..=65535"),
-                        );
-                    }
+            let opp = format!("{p}.to[{j}].operation");
+            let lists = [
+                ("hosts", &op.hosts),
+                ("notHosts", &op.not_hosts),
+                ("ports", &op.ports),
+                ("notPorts", &op.not_ports),
+                ("methods", &op.methods),
+                ("notMethods", &op.not_methods),
+                ("paths", &op.paths),
+                ("notPaths", &op.not_paths),
+            ];
+            if lists.iter().all(|(_, l)| l.is_empty()) {
+                out.add(opp.clone(), "`to.operation` must not be empty");
+            }
+            for (field, values) in lists {
+                no_empty(out, &opp, field, values);
+            }
+            ports(out, &format!("{opp}.ports"), &op.ports);
+            ports(out, &format!("{opp}.notPorts"), &op.not_ports);
+            for (field, paths) in [("paths", &op.paths), ("notPaths", &op.not_paths)] {
+                for (k, path) in paths.iter().enumerate() {
+                    path_template(out, &format!("{opp}.{field}[{k}]"), path);
                 }
             }
         }
         for (j, when) in rule.when.iter().enumerate() {
             let wp = format!("{p}.when[{j}]");
-            if when.key.is_empty() {
+            let key = when.key.as_str();
+            if key.is_empty() {
                 out.add(format!("{wp}.key"), "key is required");
+                continue;
             }
             if when.values.is_empty() && when.not_values.is_empty() {
-                out.add(wp, "a condition needs values or notValues");
+                out.add(wp.clone(), "a condition needs values or notValues");
+            }
+            let values = [("values", &when.values), ("notValues", &when.not_values)];
+            for (field, list) in values {
+                no_empty(out, &wp, field, list);
+            }
+            match key {
+                "source.ip" | "remote.ip" | "destination.ip" => {
+                    for (field, list) in values {
+                        ips(out, &format!("{wp}.{field}"), list);
+                    }
+                }
+                "destination.port" => {
+                    for (field, list) in values {
+                        ports(out, &format!("{wp}.{field}"), list);
+                    }
+                }
+                "source.namespace" | "source.principal" => {}
+                k if k.starts_with("request.auth.") => {
+                    out.add(format!("{wp}.key"), format!("`{k}` {JWT}"));
+                }
+                k if k.starts_with("request.headers") => {
+                    match k
+                        .strip_prefix("request.headers[")
+                        .and_then(|n| n.strip_suffix(']'))
+                    {
+                        None | Some("") => out.add(
+                            format!("{wp}.key"),
+                            format!("`{k}` must be `request.headers[<name>]`"),
+                        ),
+                        Some(n) if n.starts_with(':') => out.add(
+                            format!("{wp}.key"),
+                            format!("`{k}`: pseudo-headers are not supported"),
+                        ),
+                        Some(n) if http::HeaderName::from_bytes(n.as_bytes()).is_err() => out.add(
+                            format!("{wp}.key"),
+                            format!("`{k}`: `{n}` is not a valid header name"),
+                        ),
+                        Some(_) => {}
+                    }
+                }
+                k => out.add(
+                    format!("{wp}.key"),
+                    format!("unsupported attribute `{k}`; supported: {KEYS}"),
+                ),
             }
         }
     }
