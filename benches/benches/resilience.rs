@@ -126,11 +126,8 @@ fn success_path(c: &mut Criterion) {
             traffic_policy: Some(Arc::new(limited_policy())),
             ..target(timeout, default())
         };
-        let upstream = UpstreamTarget {
-            addr: "10.0.0.7:9080".parse().expect("an address"),
-            http2: false,
-            service: "reviews:9080".into(),
-        };
+        let addr = "10.0.0.7:9080".parse().expect("an address");
+        let upstream = UpstreamTarget::new(addr, false, "reviews:9080".into());
         group.bench_function("all_layers", |b| {
             b.to_async(&rt).iter(|| {
                 let mut svc = svc.clone();

@@ -70,6 +70,50 @@ pub struct UpstreamTarget {
     /// Who is being called, for error messages (`reviews.default.svc.cluster.local:9080`,
     /// or `inbound app 127.0.0.1:9080`).
     pub service: Arc<str>,
+    /// What discovery says of the endpoint's identity, for the upstream client's mTLS
+    /// decision; `None` when it says nothing (and for the inbound app).
+    pub endpoint_tls: Option<Arc<EndpointTls>>,
+}
+
+impl UpstreamTarget {
+    /// A target with nothing known of the endpoint's identity.
+    pub fn new(addr: SocketAddr, http2: bool, service: Arc<str>) -> UpstreamTarget {
+        UpstreamTarget {
+            addr,
+            http2,
+            service,
+            endpoint_tls: None,
+        }
+    }
+}
+
+/// Istio's endpoint label saying that the endpoint's sidecar accepts mesh mTLS.
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
+/// What an endpoint's discovery record says about mTLS to it: computed once per endpoint
+/// set, handed to the upstream client with each pick (an `Arc` clone).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointTls {
+    /// The endpoint carries `security.istio.io/tlsMode: istio`: Istio's auto mTLS sends it
+    /// mesh mTLS unless a DestinationRule says otherwise.
+    pub istio_mtls: bool,
+    /// The endpoint's service account, from which the SPIFFE ID its server must present
+    /// follows (`spiffe://<trust domain>/ns/<namespace>/sa/<account>`).
+    pub service_account: Option<Arc<str>>,
+}
+
+impl EndpointTls {
+    /// The TLS facts of `endpoint`, or `None` when it has neither label nor account.
+    pub fn of(endpoint: &crate::Endpoint) -> Option<Arc<EndpointTls>> {
+        let istio_mtls = endpoint.labels.get(TLS_MODE_LABEL) == Some("istio");
+        let service_account = endpoint.service_account.as_deref().map(Arc::from);
+        (istio_mtls || service_account.is_some()).then(|| {
+            Arc::new(EndpointTls {
+                istio_mtls,
+                service_account,
+            })
+        })
+    }
 }
 
 /// The endpoints a request's attempts have gone to, in order; shared by all its attempts.

@@ -1,12 +1,12 @@
 //! The inbound stack: peers call this workload, and the proxy hands requests to the local app.
 //!
 //! ```text
-//! LocalReply → ProxyHeaders → RateLimit (Bootstrap `rateLimit`) → ForwardToApp
-//!   → Upstream (127.0.0.1:APP_PORT)
+//! (mTLS per PeerAuthentication, in the listener) →
+//! LocalReply → ProxyHeaders → Authz (AuthorizationPolicy; 403) → RateLimit (Bootstrap
+//!   `rateLimit`) → ForwardClientCert (XFCC) → ForwardToApp → Upstream (127.0.0.1:APP_PORT)
 //! ```
 //!
-//! mesh-tls adds TLS termination below the HTTP server and authorization above
-//! `ForwardToApp`; telemetry adds its layers after `LocalReply`.
+//! Telemetry adds its layers after `LocalReply`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,25 +18,37 @@ use mesh_resilience::rate_limit::RateLimitLayer;
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
+use arc_swap::ArcSwap;
+use mesh_core::Identity;
+use mesh_tls::authz::{AuthorizationPolicies, AuthzLayer};
+
 use crate::headers::ProxyHeadersLayer;
 use crate::local_reply::LocalReplyLayer;
 use crate::server::HttpService;
 use crate::upstream::{Upstream, UpstreamTarget};
+use crate::xfcc::ForwardClientCertLayer;
 
-/// Builds the inbound stack: every request goes to the local app at `app`, within the
-/// Bootstrap's `rateLimit` when it sets one (429 `RL` past it).
+/// Builds the inbound stack: every request the workload's AuthorizationPolicies allow goes
+/// to the local app at `app`, within the Bootstrap's `rateLimit` when it sets one (429 `RL`
+/// past it), with `x-forwarded-client-cert` naming the verified caller (`own`: this
+/// workload's identity).
 pub fn stack(
     app: SocketAddr,
     protocol: AppProtocol,
     rate_limit: Option<&RateLimitSettings>,
+    authz: &Arc<ArcSwap<AuthorizationPolicies>>,
+    own: Option<Identity>,
     upstream: Upstream,
 ) -> HttpService {
     BoxCloneSyncService::new(
         ServiceBuilder::new()
             .layer(LocalReplyLayer)
             .layer(ProxyHeadersLayer)
+            // Policies name the workload's port (the app's), not the proxy's listener.
+            .layer(AuthzLayer::new(authz.clone()).with_destination_port(app.port()))
             // Built once per listener: every connection's service shares the same buckets.
             .option_layer(rate_limit.map(RateLimitLayer::new))
+            .layer(ForwardClientCertLayer::new(own))
             .layer(ForwardToAppLayer::new(app, protocol))
             .service(upstream),
     )
@@ -107,11 +119,11 @@ where
             AppProtocol::Http1 => false,
             AppProtocol::Http2 => true,
         };
-        req.extensions_mut().insert(UpstreamTarget {
-            addr: self.layer.app,
+        req.extensions_mut().insert(UpstreamTarget::new(
+            self.layer.app,
             http2,
-            service: self.layer.name.clone(),
-        });
+            self.layer.name.clone(),
+        ));
         self.inner.call(req)
     }
 }

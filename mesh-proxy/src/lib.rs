@@ -23,5 +23,6 @@ pub mod outbound;
 pub mod proxy;
 pub mod server;
 pub mod upstream;
+pub mod xfcc;
 
 pub use proxy::{RunningProxy, StartError};

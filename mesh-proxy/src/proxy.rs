@@ -24,6 +24,12 @@ use mesh_resilience::pool_limits::CircuitBreakers;
 use mesh_routing::balance::BalanceLayer;
 use mesh_routing::{RouteTable, SourceContext};
 
+use mesh_tls::acceptor::MtlsAcceptor;
+use mesh_tls::authz::AuthorizationPolicies;
+use mesh_tls::connector::MtlsConnector;
+use mesh_tls::credentials::Credentials;
+use mesh_tls::peer_auth::{DEFAULT_ROOT_NAMESPACE, Mode, PeerAuthenticationPolicy};
+
 use crate::inbound::{self, AppProtocol};
 use crate::outbound;
 use crate::server;
@@ -38,6 +44,8 @@ pub enum StartError {
     NoBootstrap,
     #[error("{0} is not supported by this version of the proxy")]
     Unsupported(&'static str),
+    #[error("cannot load the Bootstrap identity: {0}")]
+    Identity(#[from] mesh_tls::TlsError),
     #[error("cannot bind the {listener} listener on {addr}: {source}")]
     Bind {
         listener: &'static str,
@@ -55,6 +63,12 @@ pub struct Shared {
     endpoints: Arc<EndpointPublisher>,
     /// One balancer for the proxy's life, so per-endpoint state survives reloads.
     balancer: BalanceLayer,
+    /// This workload's PeerAuthentication and AuthorizationPolicies, compiled from `config`
+    /// and swapped with it.
+    peer_auth: Arc<ArcSwap<PeerAuthenticationPolicy>>,
+    authz: Arc<ArcSwap<AuthorizationPolicies>>,
+    /// This workload's SVID and trust bundle, when the Bootstrap names them.
+    credentials: Option<Arc<Credentials>>,
     ready: AtomicBool,
 }
 
@@ -72,22 +86,35 @@ impl Shared {
         self.balancer.clusters()
     }
 
-    fn new(config: Arc<MeshConfig>) -> Shared {
+    /// The workload's identity, when it has one.
+    pub fn credentials(&self) -> Option<&Arc<Credentials>> {
+        self.credentials.as_ref()
+    }
+
+    fn new(config: Arc<MeshConfig>, credentials: Option<Arc<Credentials>>) -> Shared {
         let endpoints = Arc::new(EndpointPublisher::default());
+        let (peer_auth, authz) = build_security(&config);
         Shared {
             routes: Arc::new(ArcSwap::from_pointee(build_routes(&config))),
+            peer_auth: Arc::new(ArcSwap::from_pointee(peer_auth)),
+            authz: Arc::new(ArcSwap::from_pointee(authz)),
             config: Arc::new(ArcSwap::new(config)),
             balancer: BalanceLayer::new(endpoints.clone()),
             endpoints,
+            credentials,
             ready: AtomicBool::new(false),
         }
     }
 
     /// Applies `config` to new requests: endpoints first, so that routes never point at a
-    /// service whose endpoints are not published yet.
+    /// service whose endpoints are not published yet. Security policies apply to the next
+    /// connection (PeerAuthentication) and the next request (AuthorizationPolicy).
     fn apply(&self, config: Arc<MeshConfig>) {
         self.publish_endpoints(&config);
         self.routes.store(Arc::new(build_routes(&config)));
+        let (peer_auth, authz) = build_security(&config);
+        self.peer_auth.store(Arc::new(peer_auth));
+        self.authz.store(Arc::new(authz));
         self.config.store(config);
     }
 
@@ -113,6 +140,8 @@ pub struct RunningProxy {
     listeners: Vec<JoinHandle<()>>,
     admin_task: JoinHandle<()>,
     maintenance: JoinHandle<()>,
+    /// Re-reads the identity files, so rotated certificates apply to new handshakes.
+    cert_watch: Option<JoinHandle<()>>,
 }
 
 async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -137,10 +166,18 @@ impl RunningProxy {
             .spec
             .inbound
             .as_ref()
-            .map(|i| Ok((i.listen, i.app, app_protocol(i.protocol)?)))
+            .map(|i| Ok::<_, StartError>((i.listen, i.app, app_protocol(i.protocol)?)))
             .transpose()?;
 
-        let shared = Arc::new(Shared::new(config.clone()));
+        // The identity is loaded before anything binds: a bad certificate fails the start.
+        let credentials = bootstrap
+            .spec
+            .identity
+            .as_ref()
+            .map(Credentials::load)
+            .transpose()?;
+        let own_identity = credentials.as_ref().map(|c| c.identity());
+        let shared = Arc::new(Shared::new(config.clone(), credentials.clone()));
         let (stop_admin, admin_stop_rx) = watch::channel(false);
         let (stop_listeners, stop_rx) = watch::channel(false);
 
@@ -165,7 +202,13 @@ impl RunningProxy {
             admin_stop_rx,
             Duration::from_secs(1),
         ));
-        let upstream = Upstream::default();
+        let mut upstream = Upstream::default();
+        let mut cert_watch = None;
+        if let Some(credentials) = &credentials {
+            upstream = upstream.with_mesh_tls(MtlsConnector::new(credentials.clone()));
+            cert_watch = Some(credentials.watch(CERT_POLL_INTERVAL));
+            tracing::info!(identity = %credentials.identity(), serial = %credentials.serial_hex(), "workload identity loaded");
+        }
         let app = inbound.as_ref().map(|(_, _, app, _)| *app);
         // Envoy's per-cluster circuit breakers (DestinationRule connectionPool), shared by the
         // retry layer (maxRetries), the pool-limit layer and the connection pools.
@@ -190,9 +233,27 @@ impl RunningProxy {
             drain,
         ))];
         let inbound = inbound.map(|(listener, addr, app, protocol)| {
-            let stack = inbound::stack(app, protocol, rate_limit.as_ref(), upstream.clone());
-            listeners.push(tokio::spawn(server::serve(
-                "inbound", listener, stack, stop_rx, drain,
+            let stack = inbound::stack(
+                app,
+                protocol,
+                rate_limit.as_ref(),
+                &shared.authz,
+                own_identity.clone(),
+                upstream.clone(),
+            );
+            let transport = server::Transport::Inbound(Arc::new(server::InboundTls {
+                acceptor: credentials.clone().map(MtlsAcceptor::new),
+                peer_auth: shared.peer_auth.clone(),
+                port: app.port(),
+            }));
+            if credentials.is_none() && shared.peer_auth.load().mode(app.port()) == Mode::Strict {
+                tracing::error!(
+                    policy = %shared.peer_auth.load(),
+                    "PeerAuthentication is STRICT but the Bootstrap has no identity: every inbound connection will be refused"
+                );
+            }
+            listeners.push(tokio::spawn(server::serve_with(
+                "inbound", listener, stack, transport, stop_rx, drain,
             )));
             addr
         });
@@ -210,6 +271,7 @@ impl RunningProxy {
             listeners,
             admin_task,
             maintenance,
+            cert_watch,
         })
     }
 
@@ -242,6 +304,9 @@ impl RunningProxy {
         let _ = self.stop_admin.send(true);
         let _ = self.admin_task.await;
         self.maintenance.abort();
+        if let Some(watch) = self.cert_watch {
+            watch.abort();
+        }
         tracing::info!("proxy drained");
     }
 }
@@ -302,6 +367,23 @@ async fn maintain_pools(
     }
 }
 
+/// How often the identity files are checked for a rotated certificate.
+const CERT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// This workload's PeerAuthentication and AuthorizationPolicies, by its Bootstrap's
+/// namespace and labels (Istio's root namespace `istio-system` holds mesh-wide ones).
+fn build_security(config: &MeshConfig) -> (PeerAuthenticationPolicy, AuthorizationPolicies) {
+    let Some(bootstrap) = config.bootstrap() else {
+        return Default::default();
+    };
+    let namespace = bootstrap.namespace();
+    let labels = &bootstrap.spec.workload.labels;
+    (
+        PeerAuthenticationPolicy::for_workload(config, namespace, labels, DEFAULT_ROOT_NAMESPACE),
+        AuthorizationPolicies::for_workload(config, namespace, labels, DEFAULT_ROOT_NAMESPACE),
+    )
+}
+
 /// Compiles the routes of `config` for this proxy (its namespace and workload labels).
 fn build_routes(config: &MeshConfig) -> RouteTable {
     let table = RouteTable::build(config, &SourceContext::from_config(config));
@@ -326,7 +408,7 @@ mod tests {
             "apiVersion: mesh-proxy/v1\nkind: Bootstrap\nmetadata: { name: t }\nspec:\n  workload: { name: t }\n",
         )])
         .unwrap();
-        let shared = Arc::new(Shared::new(Arc::new(config)));
+        let shared = Arc::new(Shared::new(Arc::new(config), None));
         let admin = crate::admin::service(shared.clone());
         let ready = || Request::get("/ready").body(body::empty()).unwrap();
         let resp = admin.clone().oneshot(ready()).await.unwrap();

@@ -4,10 +4,26 @@
 //! falls back to HTTP/1.1. Each connection is watched for graceful shutdown: on drain the
 //! accept loop stops, idle HTTP/1.1 connections close, HTTP/2 connections get a GOAWAY, and
 //! requests in flight run to completion or until the drain deadline.
+//!
+//! The inbound listener secures connections first ([`Transport::Inbound`]): the
+//! `PeerAuthentication` mode of the workload's port decides, per connection, whether the
+//! client must speak mTLS (`STRICT`: a plaintext client is disconnected), may (`PERMISSIVE`:
+//! a TLS ClientHello is told from plaintext by peeking at the first bytes), or must not
+//! (`DISABLE`). The TLS handshake runs in the connection's own task, so a slow client never
+//! holds up the accept loop; the verified peer identity goes into every request's extensions
+//! as a [`mesh_core::Identity`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use mesh_core::Identity;
+use mesh_tls::acceptor::MtlsAcceptor;
+use mesh_tls::peer_auth::{Mode, PeerAuthenticationPolicy};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -24,12 +40,58 @@ use tower::util::BoxCloneSyncService;
 /// A whole stack, type-erased: what a listener serves.
 pub type HttpService = BoxCloneSyncService<Request<BoxBody>, Response<BoxBody>, Infallible>;
 
+/// How long a PERMISSIVE listener waits for a client's first bytes to tell TLS from
+/// plaintext; a client that says nothing by then is served as plaintext.
+const DETECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How accepted connections are secured before HTTP is served on them.
+#[derive(Clone, Debug, Default)]
+pub enum Transport {
+    /// Plaintext HTTP (outbound, admin).
+    #[default]
+    Plain,
+    /// The inbound listener: mTLS as the workload's `PeerAuthentication` says.
+    Inbound(Arc<InboundTls>),
+}
+
+/// The inbound listener's TLS settings.
+#[derive(Debug)]
+pub struct InboundTls {
+    /// This workload's mTLS server side; `None` without a Bootstrap identity, when only
+    /// plaintext can be served.
+    pub acceptor: Option<MtlsAcceptor>,
+    /// The workload's PeerAuthentication, swapped on config reload.
+    pub peer_auth: Arc<ArcSwap<PeerAuthenticationPolicy>>,
+    /// The workload port `portLevelMtls` names: the app's port, as in Istio.
+    pub port: u16,
+}
+
 /// Serves `service` on `listener` until `shutdown` turns true, then drains for at most
 /// `drain_timeout`.
 pub async fn serve(
     name: &'static str,
     listener: TcpListener,
     service: HttpService,
+    shutdown: watch::Receiver<bool>,
+    drain_timeout: Duration,
+) {
+    serve_with(
+        name,
+        listener,
+        service,
+        Transport::Plain,
+        shutdown,
+        drain_timeout,
+    )
+    .await
+}
+
+/// [`serve`], securing each connection as `transport` says.
+pub async fn serve_with(
+    name: &'static str,
+    listener: TcpListener,
+    service: HttpService,
+    transport: Transport,
     mut shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
 ) {
@@ -43,6 +105,7 @@ pub async fn serve(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new());
     builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
 
     loop {
@@ -50,14 +113,22 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
                     let _ = stream.set_nodelay(true);
-                    let svc = connection_service(service.clone(), remote, local);
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                    let conn = graceful.watch(conn);
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(listener = name, %remote, error = %e, "connection ended with an error");
+                    let conn = Connection {
+                        name,
+                        remote,
+                        local,
+                        service: service.clone(),
+                        builder: builder.clone(),
+                        watcher: graceful.watcher(),
+                    };
+                    match &transport {
+                        Transport::Plain => {
+                            tokio::spawn(conn.serve(stream, None));
                         }
-                    });
+                        Transport::Inbound(tls) => {
+                            tokio::spawn(conn.secure(stream, tls.clone()));
+                        }
+                    }
                 }
                 Err(e) => {
                     // Usually EMFILE: back off briefly rather than spin.
@@ -83,12 +154,75 @@ pub async fn serve(
     }
 }
 
+/// One accepted connection, before HTTP is served on it.
+struct Connection {
+    name: &'static str,
+    remote: SocketAddr,
+    local: SocketAddr,
+    service: HttpService,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: hyper_util::server::graceful::Watcher,
+}
+
+impl Connection {
+    /// Applies the PeerAuthentication mode of the workload port, then serves HTTP on what
+    /// remains of the connection (or closes it).
+    async fn secure(self, stream: TcpStream, tls: Arc<InboundTls>) {
+        let mode = tls.peer_auth.load().mode(tls.port);
+        let remote = self.remote;
+        if mode == Mode::Disable {
+            return self.serve(stream, None).await;
+        }
+        let is_tls = match mesh_tls::detect::is_tls(&stream, DETECT_TIMEOUT).await {
+            Ok(is_tls) => is_tls,
+            Err(e) => {
+                tracing::debug!(%remote, error = %e, "connection failed before its first bytes");
+                return;
+            }
+        };
+        if !is_tls {
+            if mode == Mode::Strict {
+                tracing::debug!(%remote, policy = %tls.peer_auth.load(), "plaintext connection refused: mTLS is STRICT");
+                return;
+            }
+            return self.serve(stream, None).await;
+        }
+        let Some(acceptor) = &tls.acceptor else {
+            tracing::warn!(%remote, "TLS connection refused: this proxy's Bootstrap has no identity");
+            return;
+        };
+        match acceptor.accept(stream).await {
+            Ok(accepted) => {
+                tracing::trace!(%remote, peer = %accepted.peer, "mTLS connection accepted");
+                self.serve(accepted.stream, Some(accepted.peer)).await
+            }
+            Err(e) => tracing::info!(%remote, error = %e, "mTLS connection refused"),
+        }
+    }
+
+    /// Serves HTTP/1.1 or HTTP/2 on `io` until it closes or the drain ends it.
+    async fn serve<IO>(self, io: IO, peer: Option<Identity>)
+    where
+        IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let svc = connection_service(self.service, self.remote, self.local, peer);
+        let conn = self
+            .builder
+            .serve_connection(TokioIo::new(io), svc)
+            .into_owned();
+        if let Err(e) = self.watcher.watch(conn).await {
+            tracing::debug!(listener = self.name, remote = %self.remote, error = %e, "connection ended with an error");
+        }
+    }
+}
+
 /// The hyper service of one connection: boxes the body and tags the request with the
-/// connection it came on.
+/// connection it came on and, after an mTLS handshake, the peer's verified identity.
 fn connection_service(
     service: HttpService,
     remote: SocketAddr,
     local: SocketAddr,
+    peer: Option<Identity>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<BoxBody>,
@@ -98,11 +232,15 @@ fn connection_service(
     let info = ClientInfo {
         remote,
         local,
-        tls: false,
+        tls: peer.is_some(),
     };
     hyper::service::service_fn(move |req: Request<Incoming>| {
         let mut req = req.map(body::boxed);
         req.extensions_mut().insert(info.clone());
+        // Only a verified handshake puts an identity here; nothing a client sends can.
+        if let Some(peer) = &peer {
+            req.extensions_mut().insert(peer.clone());
+        }
         service.clone().oneshot(req)
     })
 }

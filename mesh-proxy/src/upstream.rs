@@ -35,11 +35,15 @@ use http::uri::{Authority, Scheme, Uri};
 use http::{HeaderValue, Request, Response, Version};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_core::Identity;
 use mesh_core::ProxyError;
 use mesh_core::ResponseFlags;
 use mesh_core::body::{self, BoxBody, BoxError};
+use mesh_core::config::networking::ClientTlsMode;
 pub use mesh_core::target::UpstreamTarget;
+use mesh_core::target::{EndpointTls, RouteTarget};
 use mesh_resilience::pool_limits::{DEFAULT_FAIL_FAST, Permit, PoolAdmission};
+use mesh_tls::connector::{MtlsConnector, OriginationTls};
 use tokio::net::TcpStream;
 
 /// Istio's MeshConfig `connectTimeout` default.
@@ -51,7 +55,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The cluster (or, without one, the service), the endpoint, and whether it is spoken to over
 /// HTTP/2.
-type PoolKey = (Arc<str>, SocketAddr, bool);
+type PoolKey = (Arc<str>, SocketAddr, bool, SecurityKind);
 
 /// A cloneable service that forwards each request to its [`UpstreamTarget`].
 #[derive(Clone, Debug)]
@@ -59,6 +63,8 @@ pub struct Upstream {
     pools: Arc<Mutex<HashMap<PoolKey, Arc<EndpointPool>>>>,
     connect_timeout: Duration,
     fail_fast: Duration,
+    /// This workload's mesh mTLS client, when the Bootstrap gives it an identity.
+    mesh_tls: Option<MtlsConnector>,
 }
 
 impl Default for Upstream {
@@ -73,7 +79,15 @@ impl Upstream {
             pools: Arc::default(),
             connect_timeout,
             fail_fast: DEFAULT_FAIL_FAST,
+            mesh_tls: None,
         }
+    }
+
+    /// Originates mesh mTLS with `connector` where the DestinationRule (`ISTIO_MUTUAL`) or
+    /// the endpoint (`security.istio.io/tlsMode: istio`) asks for it.
+    pub fn with_mesh_tls(mut self, connector: MtlsConnector) -> Self {
+        self.mesh_tls = Some(connector);
+        self
     }
 
     /// How long a request may wait for a connection of a pool at its limit (default 3 s).
@@ -88,7 +102,7 @@ impl Upstream {
     /// pools.
     pub fn retain(&self, keep: impl Fn(SocketAddr) -> bool) {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        pools.retain(|(_, addr, _), _| keep(*addr));
+        pools.retain(|(_, addr, _, _), _| keep(*addr));
     }
 
     /// Closes HTTP/1.1 connections that the server closed or that sat idle past the idle
@@ -106,7 +120,7 @@ impl Upstream {
     /// The endpoints this client holds pools for.
     pub fn endpoints(&self) -> Vec<SocketAddr> {
         let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        let mut addrs: Vec<_> = pools.keys().map(|(_, addr, _)| *addr).collect();
+        let mut addrs: Vec<_> = pools.keys().map(|(_, addr, _, _)| *addr).collect();
         addrs.sort();
         addrs.dedup();
         addrs
@@ -116,9 +130,10 @@ impl Upstream {
         &self,
         target: &UpstreamTarget,
         admission: Option<&PoolAdmission>,
+        security: SecurityKind,
     ) -> Arc<EndpointPool> {
         let cluster = admission.map_or(&target.service, |a| a.cluster.name());
-        let key = (cluster.clone(), target.addr, target.http2);
+        let key = (cluster.clone(), target.addr, target.http2, security);
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         pools
             .entry(key)
@@ -144,11 +159,19 @@ impl Upstream {
             .into());
         };
         let admission = req.extensions().get::<PoolAdmission>().cloned();
-        let pool = self.pool(&target, admission.as_ref());
+        let route = req.extensions().get::<RouteTarget>().cloned();
+        let kind = security_kind(route.as_ref(), &target);
+        let pool = self.pool(&target, admission.as_ref(), kind);
         let limits = Checkout {
             admission,
             connect_timeout: self.connect_timeout,
             fail_fast: self.fail_fast,
+            security: SecurityPlan {
+                kind,
+                route,
+                endpoint: target.endpoint_tls.clone(),
+                mesh: self.mesh_tls.clone(),
+            },
         };
         if let Some(a) = &limits.admission {
             let idle = a.limits.idle_timeout.unwrap_or(IDLE_TIMEOUT);
@@ -212,6 +235,7 @@ struct Checkout {
     admission: Option<PoolAdmission>,
     connect_timeout: Duration,
     fail_fast: Duration,
+    security: SecurityPlan,
 }
 
 impl Checkout {
@@ -316,9 +340,14 @@ impl EndpointPool {
     ) -> Result<H1Conn, ProxyError> {
         let connect_failed =
             |e: &dyn std::fmt::Display| ProxyError::connect_failed(&target.service, self.addr, e);
-        let io = dial(self.addr, checkout.connect_timeout())
-            .await
-            .map_err(|e| connect_failed(&e))?;
+        let io = dial(
+            self.addr,
+            checkout.connect_timeout(),
+            &checkout.security.resolve(),
+            false,
+        )
+        .await
+        .map_err(|e| connect_failed(&e))?;
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -460,7 +489,12 @@ impl EndpointPool {
                     _ => {}
                 }
                 if let Ok(permit) = checkout.connection_permit() {
-                    let fut = h2_connect(self.addr, checkout.connect_timeout(), permit);
+                    let fut = h2_connect(
+                        self.addr,
+                        checkout.connect_timeout(),
+                        checkout.security.resolve(),
+                        permit,
+                    );
                     *state = H2State::Connecting(fut.clone());
                     break fut;
                 }
@@ -517,9 +551,14 @@ impl EndpointPool {
 
 /// Dials an HTTP/2 connection, once, for every request that arrives while it connects. The
 /// cluster's connection slot goes with the connection.
-fn h2_connect(addr: SocketAddr, timeout: Duration, permit: Option<Permit>) -> H2Connect {
+fn h2_connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    security: Security,
+    permit: Option<Permit>,
+) -> H2Connect {
     async move {
-        let io = dial(addr, timeout)
+        let io = dial(addr, timeout, &security, true)
             .await
             .map_err(|e| Arc::<str>::from(e.to_string()))?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -548,18 +587,210 @@ fn prune(conns: &mut Vec<H1Conn>, idle_timeout: Duration) {
     });
 }
 
-/// Opens a TCP connection to an endpoint, bounded by the connect timeout.
-async fn dial(addr: SocketAddr, timeout: Duration) -> std::io::Result<TokioIo<TcpStream>> {
+/// A connection to an endpoint, plain or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// Opens a connection to an endpoint, TCP bounded by the connect timeout, then TLS as
+/// `security` says (the handshake has its own bound).
+async fn dial(
+    addr: SocketAddr,
+    timeout: Duration,
+    security: &Security,
+    http2: bool,
+) -> Result<TokioIo<Box<dyn Io>>, DialError> {
+    if let Security::Unavailable(reason) = security {
+        return Err(DialError::Tls(reason.to_string()));
+    }
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| {
-            std::io::Error::new(
+            DialError::Io(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("connect timed out after {timeout:?}"),
-            )
-        })??;
-    stream.set_nodelay(true)?;
-    Ok(TokioIo::new(stream))
+            ))
+        })?
+        .map_err(DialError::Io)?;
+    stream.set_nodelay(true).map_err(DialError::Io)?;
+    let io: Box<dyn Io> = match security {
+        Security::Plain | Security::Unavailable(_) => Box::new(stream),
+        Security::Mesh {
+            connector,
+            expected,
+        } => match connector.connect(stream, expected, http2).await {
+            Ok(connected) => Box::new(connected.stream),
+            Err(e) => {
+                if matches!(e, mesh_tls::TlsError::IdentityMismatch { .. }) {
+                    tracing::warn!(endpoint = %addr, error = %e, "refusing the endpoint's identity");
+                }
+                return Err(DialError::Tls(e.to_string()));
+            }
+        },
+        Security::Origination { tls, sni } => match tls.connect(stream, sni, http2).await {
+            Ok(stream) => Box::new(stream),
+            Err(e) => return Err(DialError::Tls(e.to_string())),
+        },
+    };
+    Ok(TokioIo::new(io))
+}
+
+/// Why a new upstream connection failed: TCP, or TLS (a failed handshake, an unexpected
+/// identity, or mTLS required without an identity to present).
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error("{0}")]
+    Io(std::io::Error),
+    #[error("{0}")]
+    Tls(String),
+}
+
+/// What secures the connections of a pool; part of the pool's key, so a plaintext and an
+/// mTLS connection to one endpoint are never confused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum SecurityKind {
+    Plain,
+    Mesh,
+    Origination,
+}
+
+/// How a request's connection would be secured, resolved into a [`Security`] only when a
+/// connection is dialled (rare: connections are pooled).
+struct SecurityPlan {
+    kind: SecurityKind,
+    route: Option<RouteTarget>,
+    endpoint: Option<Arc<EndpointTls>>,
+    mesh: Option<MtlsConnector>,
+}
+
+/// How one new connection is secured.
+#[derive(Clone)]
+enum Security {
+    Plain,
+    Mesh {
+        connector: MtlsConnector,
+        /// Any of these may answer; empty: any identity the trust bundle vouches for.
+        expected: Vec<Identity>,
+    },
+    Origination {
+        tls: Arc<OriginationTls>,
+        sni: String,
+    },
+    /// TLS is required but cannot be set up; the dial fails with this reason.
+    Unavailable(Arc<str>),
+}
+
+/// Istio's choice, per request, from the route's DestinationRule `tls` and the endpoint's
+/// labels: `ISTIO_MUTUAL` → mesh mTLS; `SIMPLE`/`MUTUAL` → TLS origination; `DISABLE`
+/// written out → plaintext; no `tls` at all → auto mTLS, mesh mTLS exactly to endpoints
+/// labelled `security.istio.io/tlsMode: istio`.
+fn security_kind(route: Option<&RouteTarget>, target: &UpstreamTarget) -> SecurityKind {
+    let tls = route
+        .and_then(|r| r.traffic_policy.as_deref())
+        .and_then(|p| p.tls.as_ref());
+    match tls.map(|t| t.mode) {
+        Some(ClientTlsMode::IstioMutual) => SecurityKind::Mesh,
+        Some(ClientTlsMode::Simple | ClientTlsMode::Mutual) => SecurityKind::Origination,
+        Some(ClientTlsMode::Disable) => SecurityKind::Plain,
+        None if target.endpoint_tls.as_ref().is_some_and(|e| e.istio_mtls) => SecurityKind::Mesh,
+        None => SecurityKind::Plain,
+    }
+}
+
+impl SecurityPlan {
+    fn resolve(&self) -> Security {
+        match self.kind {
+            SecurityKind::Plain => Security::Plain,
+            SecurityKind::Mesh => self.mesh(),
+            SecurityKind::Origination => self.origination(),
+        }
+    }
+
+    fn mesh(&self) -> Security {
+        let Some(connector) = &self.mesh else {
+            let auto = self
+                .route
+                .as_ref()
+                .and_then(|r| r.traffic_policy.as_deref())
+                .and_then(|p| p.tls.as_ref())
+                .is_none();
+            if auto {
+                // Auto mTLS needs something to present; without an identity Istio's sidecar
+                // would have none either, and talks plaintext.
+                return Security::Plain;
+            }
+            return Security::Unavailable(
+                "the DestinationRule asks for ISTIO_MUTUAL but this proxy's Bootstrap has no \
+                 identity"
+                    .into(),
+            );
+        };
+        Security::Mesh {
+            connector: connector.clone(),
+            expected: self.expected_identities(connector),
+        }
+    }
+
+    /// The identities the server may present: the DestinationRule's `subjectAltNames`, else
+    /// the ServiceEntry's, else the one that follows from the endpoint's service account;
+    /// none of them: any the trust bundle vouches for (Istio's behaviour).
+    fn expected_identities(&self, connector: &MtlsConnector) -> Vec<Identity> {
+        let route = self.route.as_ref();
+        let from_rule = route
+            .and_then(|r| r.traffic_policy.as_deref())
+            .and_then(|p| p.tls.as_ref())
+            .map(|t| t.subject_alt_names.as_slice())
+            .unwrap_or_default();
+        let from_service = route
+            .map(|r| r.service.subject_alt_names.as_slice())
+            .unwrap_or_default();
+        let names = if from_rule.is_empty() {
+            from_service
+        } else {
+            from_rule
+        };
+        if !names.is_empty() {
+            return names
+                .iter()
+                .filter_map(|n| match Identity::parse(n) {
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        tracing::warn!(name = %n, error = %e, "subjectAltNames entry is not a SPIFFE ID; ignored");
+                        None
+                    }
+                })
+                .collect();
+        }
+        let account = self
+            .endpoint
+            .as_ref()
+            .and_then(|e| e.service_account.as_deref());
+        match (account, route) {
+            (Some(sa), Some(route)) => {
+                let own = connector.credentials().identity();
+                Identity::for_service_account(own.trust_domain(), &route.service.namespace, sa)
+                    .map(|id| vec![id])
+                    .unwrap_or_default()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn origination(&self) -> Security {
+        let Some(route) = &self.route else {
+            return Security::Plain;
+        };
+        let Some(settings) = route.traffic_policy.as_deref().and_then(|p| p.tls.as_ref()) else {
+            return Security::Plain;
+        };
+        // Built when a connection is dialled (its files are read then), not per request.
+        match OriginationTls::from_settings(settings) {
+            Ok(tls) => Security::Origination {
+                tls: Arc::new(tls),
+                sni: route.service.host.as_str().to_owned(),
+            },
+            Err(e) => Security::Unavailable(e.to_string().into()),
+        }
+    }
 }
 
 /// Envoy's classification of a failure on an established upstream connection.
@@ -666,11 +897,8 @@ mod tests {
             .header("host", "svc")
             .body(body::empty())
             .unwrap();
-        req.extensions_mut().insert(UpstreamTarget {
-            addr,
-            http2: false,
-            service: "svc:80".into(),
-        });
+        req.extensions_mut()
+            .insert(UpstreamTarget::new(addr, false, "svc:80".into()));
         let resp = upstream.clone().oneshot(req).await.unwrap();
         http_body_util::BodyExt::collect(resp.into_body())
             .await

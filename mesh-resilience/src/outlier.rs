@@ -35,7 +35,7 @@
 //! for _ in 0..3 {
 //!     let mut req = http::Request::new(body::empty());
 //!     req.extensions_mut().insert(target.clone());
-//!     req.extensions_mut().insert(UpstreamTarget { addr, http2: false, service: target.name.clone() });
+//!     req.extensions_mut().insert(UpstreamTarget::new(addr, false, target.name.clone()));
 //!     svc.clone().oneshot(req).await.unwrap();
 //! }
 //! // Ejected on the third 500, for `baseEjectionTime` (30 s by default).

@@ -31,7 +31,7 @@
 //! let mut req = http::Request::new(());
 //! req.extensions_mut().insert(tried.clone());
 //! // What the balancer sets.
-//! req.extensions_mut().insert(UpstreamTarget { addr, http2: false, service: "reviews:9080".into() });
+//! req.extensions_mut().insert(UpstreamTarget::new(addr, false, "reviews:9080".into()));
 //! svc.oneshot(req).await.unwrap();
 //! assert!(tried.contains(addr));
 //! # }

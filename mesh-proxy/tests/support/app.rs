@@ -5,7 +5,7 @@
 //! - anything else: `hello from NAME`.
 //!
 //! Every response says what the app saw: `x-app` (its name), `x-seen-host`,
-//! `x-seen-path`, `x-seen-version`, `x-seen-end-user`, `x-seen-xff`, `x-seen-xfp`, `x-seen-request-id`, `x-seen-connection`.
+//! `x-seen-path`, `x-seen-version`, `x-seen-end-user`, `x-seen-xff`, `x-seen-xfp`, `x-seen-request-id`, `x-seen-connection`, `x-seen-xfcc`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -140,6 +140,7 @@ async fn handle(
         ("x-seen-xfp", seen("x-forwarded-proto")),
         ("x-seen-request-id", seen("x-request-id")),
         ("x-seen-connection", seen("connection")),
+        ("x-seen-xfcc", seen("x-forwarded-client-cert")),
     ];
     let mut resp = match req.uri().path() {
         "/echo" => Response::new(body::boxed(req.into_body())),

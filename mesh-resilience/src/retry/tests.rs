@@ -597,11 +597,8 @@ async fn a_retry_prefers_an_endpoint_not_tried_before() {
                 .into_iter()
                 .find(|e| !tried.contains(*e))
                 .unwrap_or(a);
-            req.extensions_mut().insert(UpstreamTarget {
-                addr,
-                http2: false,
-                service: "reviews:9080".into(),
-            });
+            req.extensions_mut()
+                .insert(UpstreamTarget::new(addr, false, "reviews:9080".into()));
             req
         })
         .layer(inner)

@@ -18,7 +18,7 @@ use std::sync::{Arc, Weak};
 use arc_swap::ArcSwap;
 use mesh_core::Endpoint;
 use mesh_core::discovery::{EndpointSet, EndpointWatch, ServiceKey};
-use mesh_core::target::Subset;
+use mesh_core::target::{EndpointTls, Subset};
 use tokio::sync::oneshot;
 
 use super::picker::{Node, Picker};
@@ -31,6 +31,8 @@ use super::status::{ClusterStatus, EndpointStatus, Health};
 pub(crate) struct Snapshot {
     /// The endpoints, parallel to the picker's nodes.
     pub(crate) endpoints: Vec<Endpoint>,
+    /// Each endpoint's TLS facts, computed once here rather than on every pick.
+    pub(crate) tls: Vec<Option<Arc<EndpointTls>>>,
     pub(crate) picker: Picker,
 }
 
@@ -194,7 +196,12 @@ fn build(
     if let Some(policy) = table {
         picker.prepare(policy);
     }
-    Snapshot { endpoints, picker }
+    let tls = endpoints.iter().map(EndpointTls::of).collect();
+    Snapshot {
+        endpoints,
+        tls,
+        picker,
+    }
 }
 
 /// The rebuild task: one snapshot per change, until the balancer goes away.

@@ -355,6 +355,7 @@ impl Shared {
                 // An HTTP/2 or gRPC port, or a client that already speaks HTTP/2, gets HTTP/2.
                 http2: target.service.protocol.is_http2() || req.version() == Version::HTTP_2,
                 service: target.name.clone(),
+                endpoint_tls: snapshot.tls.get(index).cloned().flatten(),
             },
             claim: InFlight::start(node.state.clone()),
             set_cookie: key.set_cookie,

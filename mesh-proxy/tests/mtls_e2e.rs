@@ -1,0 +1,376 @@
+//! Mutual TLS between real sidecars, with certificates from `mesh-proxy ca`: the caller's
+//! identity reaching the app, PeerAuthentication modes, a foreign CA, an identity mismatch,
+//! certificate rotation without restart, and AuthorizationPolicy by principal.
+#![allow(clippy::unwrap_used)] // a test that cannot set up should fail loudly
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use http::StatusCode;
+use hyper_util::rt::TokioIo;
+use mesh_core::config::bootstrap::IdentityFiles;
+use mesh_proxy::RunningProxy;
+use mesh_tls::connector::MtlsConnector;
+use mesh_tls::credentials::Credentials;
+use support::app::App;
+use support::{bootstrap, get, http1_client, start_proxy, text};
+
+const TD: &str = "cluster.local";
+
+/// A CA made by the real binary, and the workload certificates it issues.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mesh-proxy {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        run(&[
+            "ca",
+            "init",
+            "--trust-domain",
+            TD,
+            "--out",
+            ca.to_str().unwrap(),
+        ]);
+        Pki { dir }
+    }
+
+    /// Issues (or re-issues) the certificate of service account `sa` into its directory.
+    fn issue(&self, sa: &str) -> PathBuf {
+        let out = self.dir.path().join(sa);
+        run(&[
+            "ca",
+            "issue",
+            "--ca",
+            self.dir.path().join("ca").to_str().unwrap(),
+            "--spiffe-id",
+            &format!("spiffe://{TD}/ns/default/sa/{sa}"),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        out
+    }
+}
+
+fn files(dir: &Path) -> IdentityFiles {
+    IdentityFiles {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+        trust_bundle: dir.join("root.pem"),
+    }
+}
+
+/// A Bootstrap for workload `name` (service account `name`) with the identity in `certs`.
+fn sidecar(name: &str, app: Option<SocketAddr>, certs: &Path) -> String {
+    let identity = format!(
+        "  identity: {{ cert: \"{}\", key: \"{}\", trustBundle: \"{}\" }}\n  outbound:",
+        certs.join("cert.pem").display(),
+        certs.join("key.pem").display(),
+        certs.join("root.pem").display()
+    );
+    bootstrap(name, app).replacen("  outbound:", &identity, 1)
+}
+
+/// `reviews` served at `inbound` (a sidecar's inbound listener) by a workload whose sidecar
+/// speaks mesh mTLS (Istio's endpoint label) under service account `sa`.
+fn reviews_entry(inbound: SocketAddr, sa: &str) -> String {
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: reviews, namespace: default }}
+spec:
+  hosts: [reviews]
+  ports: [{{ number: 9080, name: http, protocol: HTTP }}]
+  resolution: STATIC
+  location: MESH_INTERNAL
+  endpoints:
+  - address: \"{}\"
+    ports: {{ http: {} }}
+    labels: {{ app: reviews, security.istio.io/tlsMode: istio }}
+    serviceAccount: {sa}
+",
+        inbound.ip(),
+        inbound.port()
+    )
+}
+
+const STRICT: &str = "---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: { name: default, namespace: default }
+spec:
+  mtls: { mode: STRICT }
+";
+
+/// The server side: the `reviews` app behind its sidecar, with `extra` config.
+async fn reviews_sidecar(pki: &Pki, app: &App, extra: &str) -> RunningProxy {
+    let certs = pki.issue("reviews");
+    start_proxy(&format!(
+        "{}{extra}",
+        sidecar("reviews", Some(app.addr), &certs)
+    ))
+    .await
+}
+
+/// The client side: `productpage`'s sidecar, calling `reviews` at `server`.
+async fn productpage_sidecar(certs: &Path, server: SocketAddr, sa: &str) -> RunningProxy {
+    start_proxy(&format!(
+        "{}{}",
+        sidecar("productpage", None, certs),
+        reviews_entry(server, sa)
+    ))
+    .await
+}
+
+fn header(resp: &http::Response<hyper::body::Incoming>, name: &str) -> String {
+    resp.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn two_sidecars_speak_mtls_and_strict_refuses_plaintext() {
+    let pki = Pki::new();
+    let app = App::start("reviews").await;
+    let server = reviews_sidecar(&pki, &app, STRICT).await;
+    let inbound = server.inbound_addr().unwrap();
+    let client = productpage_sidecar(&pki.issue("productpage"), inbound, "reviews").await;
+
+    // A forged XFCC from the calling app never reaches the server's app.
+    let mut req = get(client.outbound_addr().unwrap(), "reviews:9080", "/");
+    req.headers_mut().insert(
+        "x-forwarded-client-cert",
+        "URI=spiffe://cluster.local/ns/default/sa/admin"
+            .parse()
+            .unwrap(),
+    );
+    let resp = http1_client().request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        header(&resp, "x-seen-xfcc"),
+        "By=spiffe://cluster.local/ns/default/sa/reviews;\
+         URI=spiffe://cluster.local/ns/default/sa/productpage"
+    );
+    assert_eq!(text(resp).await, "hello from reviews");
+
+    // A plaintext client straight to the STRICT inbound listener is disconnected.
+    let plain = http1_client()
+        .request(get(inbound, "reviews:9080", "/"))
+        .await;
+    assert!(plain.is_err(), "plaintext accepted: {plain:?}");
+    assert_eq!(app.received.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn permissive_accepts_mtls_and_plaintext_on_one_port() {
+    let pki = Pki::new();
+    let app = App::start("reviews").await;
+    // No PeerAuthentication: Istio's default, PERMISSIVE.
+    let server = reviews_sidecar(&pki, &app, "").await;
+    let inbound = server.inbound_addr().unwrap();
+    let client = productpage_sidecar(&pki.issue("productpage"), inbound, "reviews").await;
+
+    let mtls = http1_client()
+        .request(get(client.outbound_addr().unwrap(), "reviews:9080", "/"))
+        .await
+        .unwrap();
+    assert_eq!(mtls.status(), StatusCode::OK);
+    assert!(
+        header(&mtls, "x-seen-xfcc")
+            .ends_with("URI=spiffe://cluster.local/ns/default/sa/productpage"),
+        "{}",
+        header(&mtls, "x-seen-xfcc")
+    );
+
+    let mut req = get(inbound, "reviews:9080", "/");
+    req.headers_mut().insert(
+        "x-forwarded-client-cert",
+        "URI=spiffe://cluster.local/ns/default/sa/admin"
+            .parse()
+            .unwrap(),
+    );
+    let plain = http1_client().request(req).await.unwrap();
+    assert_eq!(plain.status(), StatusCode::OK);
+    // No verified peer, so no XFCC, and the forged one is gone.
+    assert_eq!(header(&plain, "x-seen-xfcc"), "-");
+}
+
+#[tokio::test]
+async fn a_sidecar_from_another_ca_is_refused() {
+    let pki = Pki::new();
+    let app = App::start("reviews").await;
+    let server = reviews_sidecar(&pki, &app, STRICT).await;
+    let inbound = server.inbound_addr().unwrap();
+    let stranger = Pki::new();
+    let client = productpage_sidecar(&stranger.issue("productpage"), inbound, "reviews").await;
+
+    let resp = http1_client()
+        .request(get(client.outbound_addr().unwrap(), "reviews:9080", "/"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(header(&resp, "x-mesh-response-flags").starts_with("UF"));
+    let body = text(resp).await;
+    assert!(body.contains("TLS handshake failed"), "{body}");
+    assert_eq!(app.received.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn an_unexpected_server_identity_fails_with_both_names() {
+    let pki = Pki::new();
+    let app = App::start("reviews").await;
+    let server = reviews_sidecar(&pki, &app, STRICT).await;
+    // Discovery says the endpoint runs as `ratings`; the server presents `reviews`.
+    let client = productpage_sidecar(
+        &pki.issue("productpage"),
+        server.inbound_addr().unwrap(),
+        "ratings",
+    )
+    .await;
+
+    let resp = http1_client()
+        .request(get(client.outbound_addr().unwrap(), "reviews:9080", "/"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(header(&resp, "x-mesh-response-flags").starts_with("UF"));
+    let body = text(resp).await;
+    assert!(
+        body.contains(
+            "server identity mismatch: expected spiffe://cluster.local/ns/default/sa/ratings, \
+             presented spiffe://cluster.local/ns/default/sa/reviews"
+        ),
+        "{body}"
+    );
+    assert_eq!(app.received.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+/// The serial number of the certificate a server presents to a new mTLS handshake, and the
+/// TLS stream, still open.
+async fn handshake(
+    connector: &MtlsConnector,
+    addr: SocketAddr,
+) -> (
+    String,
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let connected = connector.connect(tcp, &[], false).await.unwrap();
+    let leaf = connected.stream.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    (cert.raw_serial_as_string(), connected.stream)
+}
+
+#[tokio::test]
+async fn rotated_certificate_files_apply_to_new_handshakes_without_restart() {
+    let pki = Pki::new();
+    let app = App::start("reviews").await;
+    let server = reviews_sidecar(&pki, &app, STRICT).await;
+    let inbound = server.inbound_addr().unwrap();
+    let client_certs = pki.issue("productpage");
+    let connector = MtlsConnector::new(Credentials::load(&files(&client_certs)).unwrap());
+
+    let (before, stream) = handshake(&connector, inbound).await;
+    // An HTTP/1.1 connection over that first handshake.
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+
+    pki.issue("reviews"); // new key and certificate in the same files
+    let mut after = before.clone();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = handshake(&connector, inbound).await.0;
+        if after != before {
+            break;
+        }
+    }
+    assert_ne!(
+        after, before,
+        "new handshakes still present the old certificate"
+    );
+
+    // The connection made before the rotation still carries requests.
+    let req = http::Request::get("/")
+        .header("host", "reviews:9080")
+        .body(mesh_core::body::empty())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn authorization_policy_by_principal_method_and_path() {
+    let pki = Pki::new();
+    let app = App::start("reviews").await;
+    let policy = "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: reviews-viewer, namespace: default }
+spec:
+  selector: { matchLabels: { app: reviews } }
+  action: ALLOW
+  rules:
+  - from: [{ source: { principals: [cluster.local/ns/default/sa/productpage] } }]
+    to: [{ operation: { methods: [GET], paths: [\"/api/*\"] } }]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: deny-admin, namespace: default }
+spec:
+  action: DENY
+  rules:
+  - to: [{ operation: { paths: [\"/api/admin*\"] } }]
+";
+    let server = reviews_sidecar(&pki, &app, &format!("{STRICT}{policy}")).await;
+    let inbound = server.inbound_addr().unwrap();
+    let productpage = productpage_sidecar(&pki.issue("productpage"), inbound, "reviews").await;
+    let ratings = productpage_sidecar(&pki.issue("ratings"), inbound, "reviews").await;
+    let http = http1_client();
+    let call = |proxy: &RunningProxy, method: &str, path: &str| {
+        http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", proxy.outbound_addr().unwrap()))
+            .header("host", "reviews:9080")
+            .body(mesh_core::body::empty())
+            .unwrap()
+    };
+
+    let resp = http
+        .request(call(&productpage, "GET", "/api/v1"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    for (proxy, method, path) in [
+        (&productpage, "POST", "/api/v1"),   // other method
+        (&productpage, "GET", "/other"),     // other path
+        (&ratings, "GET", "/api/v1"),        // other principal
+        (&productpage, "GET", "/api/admin"), // the DENY policy wins over the ALLOW
+    ] {
+        let resp = http.request(call(proxy, method, path)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{method} {path}");
+        assert_eq!(text(resp).await, "RBAC: access denied");
+    }
+    assert_eq!(app.received.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
