@@ -6,6 +6,9 @@
 //! - `GET /config_dump`: the effective configuration as JSON.
 //! - `GET /clusters`: every balanced service (and subset) with its endpoints, named
 //!   `address:port`, and their live figures (weight, in-flight, EWMA latency, health).
+//! - `GET /metrics` (also `/stats/prometheus`): OpenMetrics text. Today only
+//!   `mesh_identity_cert_expiration_timestamp_seconds`, the workload certificate's expiry;
+//!   Istio's request metrics arrive with the telemetry layers.
 //!
 //! Reads are GET (or HEAD); anything else answers 405, as Envoy refuses mutations by GET.
 
@@ -29,11 +32,14 @@ pub fn service(shared: Arc<Shared>) -> HttpService {
 
 fn handle(shared: &Shared, req: &Request<BoxBody>) -> Response<BoxBody> {
     let path = req.uri().path();
-    let known = matches!(path, "/ready" | "/live" | "/config_dump" | "/clusters");
+    let known = matches!(
+        path,
+        "/ready" | "/live" | "/config_dump" | "/clusters" | "/metrics" | "/stats/prometheus"
+    );
     if !known {
         return text(
             StatusCode::NOT_FOUND,
-            "unknown admin path; try /ready, /live, /config_dump, /clusters\n",
+            "unknown admin path; try /ready, /live, /config_dump, /clusters, /metrics\n",
         );
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -44,8 +50,43 @@ fn handle(shared: &Shared, req: &Request<BoxBody>) -> Response<BoxBody> {
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "NOT READY\n"),
         "/live" => text(StatusCode::OK, "LIVE\n"),
         "/clusters" => json(&shared.clusters()),
+        "/metrics" | "/stats/prometheus" => metrics(shared),
         _ => json(&shared.config().to_json()),
     }
+}
+
+/// The proxy's metrics, read at scrape time.
+fn metrics(shared: &Shared) -> Response<BoxBody> {
+    use prometheus_client::metrics::gauge::Gauge;
+    let mut registry = prometheus_client::registry::Registry::default();
+    if let Some(credentials) = shared.credentials() {
+        let expiry = credentials
+            .not_after()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let gauge = Gauge::<i64>::default();
+        gauge.set(expiry);
+        registry.register(
+            "mesh_identity_cert_expiration_timestamp_seconds",
+            "When this workload's certificate expires, in seconds since the Unix epoch",
+            gauge,
+        );
+    }
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot render metrics: {e}\n"),
+        );
+    }
+    let mut r = Response::new(body::full(out));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    r
 }
 
 fn json(value: &impl serde::Serialize) -> Response<BoxBody> {

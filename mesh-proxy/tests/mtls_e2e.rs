@@ -290,6 +290,28 @@ async fn rotated_certificate_files_apply_to_new_handshakes_without_restart() {
     let client_certs = pki.issue("productpage");
     let connector = MtlsConnector::new(Credentials::load(&files(&client_certs)).unwrap());
 
+    // The certificate's expiry is exported: Istio's 24 h default TTL from now.
+    let resp = http1_client()
+        .request(get(server.admin_addr(), "admin", "/metrics"))
+        .await
+        .unwrap();
+    let metrics = text(resp).await;
+    let expiry: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mesh_identity_cert_expiration_timestamp_seconds "))
+        .unwrap_or_else(|| panic!("no expiry gauge in:\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        (now + 23 * 3600..now + 25 * 3600).contains(&expiry),
+        "{expiry} vs now {now}"
+    );
+
     let (before, stream) = handshake(&connector, inbound).await;
     // An HTTP/1.1 connection over that first handshake.
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
