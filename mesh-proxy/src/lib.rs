@@ -22,6 +22,7 @@ pub mod local_reply;
 pub mod outbound;
 pub mod proxy;
 pub mod server;
+pub mod tcp;
 pub mod upstream;
 pub mod xfcc;
 

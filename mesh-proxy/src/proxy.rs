@@ -33,6 +33,7 @@ use mesh_tls::peer_auth::{DEFAULT_ROOT_NAMESPACE, Mode, PeerAuthenticationPolicy
 use crate::inbound::{self, AppProtocol};
 use crate::outbound;
 use crate::server;
+use crate::tcp;
 use crate::upstream::Upstream;
 
 /// Why a proxy could not start.
@@ -166,8 +167,7 @@ impl RunningProxy {
             .spec
             .inbound
             .as_ref()
-            .map(|i| Ok::<_, StartError>((i.listen, i.app, app_protocol(i.protocol)?)))
-            .transpose()?;
+            .map(|i| (i.listen, i.app, app_protocol(i.protocol)));
 
         // The identity is loaded before anything binds: a bad certificate fails the start.
         let credentials = bootstrap
@@ -202,7 +202,10 @@ impl RunningProxy {
             admin_stop_rx,
             Duration::from_secs(1),
         ));
-        let mut upstream = Upstream::default();
+        // Envoy's per-cluster circuit breakers (DestinationRule connectionPool), shared by the
+        // retry layer (maxRetries), the pool-limit layer and the connection pools.
+        let breakers = Arc::new(CircuitBreakers::default());
+        let mut upstream = Upstream::default().with_circuit_breakers(breakers.clone());
         let mut cert_watch = None;
         if let Some(credentials) = &credentials {
             upstream = upstream.with_mesh_tls(MtlsConnector::new(credentials.clone()));
@@ -210,9 +213,6 @@ impl RunningProxy {
             tracing::info!(identity = %credentials.identity(), serial = %credentials.serial_hex(), "workload identity loaded");
         }
         let app = inbound.as_ref().map(|(_, _, app, _)| *app);
-        // Envoy's per-cluster circuit breakers (DestinationRule connectionPool), shared by the
-        // retry layer (maxRetries), the pool-limit layer and the connection pools.
-        let breakers = Arc::new(CircuitBreakers::default());
         let maintenance = tokio::spawn(maintain_pools(
             shared.clone(),
             upstream.clone(),
@@ -233,6 +233,26 @@ impl RunningProxy {
             drain,
         ))];
         let inbound = inbound.map(|(listener, addr, app, protocol)| {
+            let tls = Arc::new(server::InboundTls {
+                acceptor: credentials.clone().map(MtlsAcceptor::new),
+                peer_auth: shared.peer_auth.clone(),
+                port: app.port(),
+            });
+            if credentials.is_none() && shared.peer_auth.load().mode(app.port()) == Mode::Strict {
+                tracing::error!(
+                    policy = %shared.peer_auth.load(),
+                    "PeerAuthentication is STRICT but the Bootstrap has no identity: every inbound connection will be refused"
+                );
+            }
+            let Some(protocol) = protocol else {
+                let tcp = Arc::new(tcp::InboundTcp {
+                    app,
+                    tls,
+                    authz: shared.authz.clone(),
+                });
+                listeners.push(tokio::spawn(tcp::serve(listener, tcp, stop_rx, drain)));
+                return addr;
+            };
             let stack = inbound::stack(
                 app,
                 protocol,
@@ -241,19 +261,13 @@ impl RunningProxy {
                 own_identity.clone(),
                 upstream.clone(),
             );
-            let transport = server::Transport::Inbound(Arc::new(server::InboundTls {
-                acceptor: credentials.clone().map(MtlsAcceptor::new),
-                peer_auth: shared.peer_auth.clone(),
-                port: app.port(),
-            }));
-            if credentials.is_none() && shared.peer_auth.load().mode(app.port()) == Mode::Strict {
-                tracing::error!(
-                    policy = %shared.peer_auth.load(),
-                    "PeerAuthentication is STRICT but the Bootstrap has no identity: every inbound connection will be refused"
-                );
-            }
             listeners.push(tokio::spawn(server::serve_with(
-                "inbound", listener, stack, transport, stop_rx, drain,
+                "inbound",
+                listener,
+                stack,
+                server::Transport::Inbound(tls),
+                stop_rx,
+                drain,
             )));
             addr
         });
@@ -323,19 +337,14 @@ fn local_addr(
     })
 }
 
-fn app_protocol(
-    protocol: mesh_core::config::bootstrap::InboundProtocol,
-) -> Result<AppProtocol, StartError> {
+/// The HTTP version spoken to the app, or `None` for opaque TCP.
+fn app_protocol(protocol: mesh_core::config::bootstrap::InboundProtocol) -> Option<AppProtocol> {
     use mesh_core::config::bootstrap::InboundProtocol as P;
     match protocol {
-        P::Auto => Ok(AppProtocol::Auto),
-        P::Http => Ok(AppProtocol::Http1),
-        P::Http2 => Ok(AppProtocol::Http2),
-        // Opaque TCP proxying arrives with the production-sidecar issue; serving HTTP on a
-        // port declared TCP would break server-speaks-first protocols, so refuse clearly.
-        P::Tcp => Err(StartError::Unsupported(
-            "inbound.protocol: tcp (opaque TCP proxying)",
-        )),
+        P::Auto => Some(AppProtocol::Auto),
+        P::Http => Some(AppProtocol::Http1),
+        P::Http2 => Some(AppProtocol::Http2),
+        P::Tcp => None,
     }
 }
 

@@ -154,6 +154,54 @@ pub async fn serve_with(
     }
 }
 
+/// An inbound connection after PeerAuthentication: plaintext, or mTLS with the verified
+/// peer.
+pub(crate) enum Secured {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, Identity),
+}
+
+/// Applies the PeerAuthentication mode of the workload port to a new connection: `None`
+/// when the connection is refused (plaintext under STRICT, a failed handshake).
+pub(crate) async fn secure(
+    stream: TcpStream,
+    remote: SocketAddr,
+    tls: &InboundTls,
+) -> Option<Secured> {
+    let mode = tls.peer_auth.load().mode(tls.port);
+    if mode == Mode::Disable {
+        return Some(Secured::Plain(stream));
+    }
+    let is_tls = match mesh_tls::detect::is_tls(&stream, DETECT_TIMEOUT).await {
+        Ok(is_tls) => is_tls,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "connection failed before its first bytes");
+            return None;
+        }
+    };
+    if !is_tls {
+        if mode == Mode::Strict {
+            tracing::debug!(%remote, policy = %tls.peer_auth.load(), "plaintext connection refused: mTLS is STRICT");
+            return None;
+        }
+        return Some(Secured::Plain(stream));
+    }
+    let Some(acceptor) = &tls.acceptor else {
+        tracing::warn!(%remote, "TLS connection refused: this proxy's Bootstrap has no identity");
+        return None;
+    };
+    match acceptor.accept(stream).await {
+        Ok(accepted) => {
+            tracing::trace!(%remote, peer = %accepted.peer, "mTLS connection accepted");
+            Some(Secured::Tls(Box::new(accepted.stream), accepted.peer))
+        }
+        Err(e) => {
+            tracing::info!(%remote, error = %e, "mTLS connection refused");
+            None
+        }
+    }
+}
+
 /// One accepted connection, before HTTP is served on it.
 struct Connection {
     name: &'static str,
@@ -168,35 +216,10 @@ impl Connection {
     /// Applies the PeerAuthentication mode of the workload port, then serves HTTP on what
     /// remains of the connection (or closes it).
     async fn secure(self, stream: TcpStream, tls: Arc<InboundTls>) {
-        let mode = tls.peer_auth.load().mode(tls.port);
-        let remote = self.remote;
-        if mode == Mode::Disable {
-            return self.serve(stream, None).await;
-        }
-        let is_tls = match mesh_tls::detect::is_tls(&stream, DETECT_TIMEOUT).await {
-            Ok(is_tls) => is_tls,
-            Err(e) => {
-                tracing::debug!(%remote, error = %e, "connection failed before its first bytes");
-                return;
-            }
-        };
-        if !is_tls {
-            if mode == Mode::Strict {
-                tracing::debug!(%remote, policy = %tls.peer_auth.load(), "plaintext connection refused: mTLS is STRICT");
-                return;
-            }
-            return self.serve(stream, None).await;
-        }
-        let Some(acceptor) = &tls.acceptor else {
-            tracing::warn!(%remote, "TLS connection refused: this proxy's Bootstrap has no identity");
-            return;
-        };
-        match acceptor.accept(stream).await {
-            Ok(accepted) => {
-                tracing::trace!(%remote, peer = %accepted.peer, "mTLS connection accepted");
-                self.serve(accepted.stream, Some(accepted.peer)).await
-            }
-            Err(e) => tracing::info!(%remote, error = %e, "mTLS connection refused"),
+        match secure(stream, self.remote, &tls).await {
+            Some(Secured::Plain(stream)) => self.serve(stream, None).await,
+            Some(Secured::Tls(stream, peer)) => self.serve(stream, Some(peer)).await,
+            None => {}
         }
     }
 

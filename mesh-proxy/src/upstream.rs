@@ -14,9 +14,9 @@
 //!
 //! The request's target is an [`UpstreamTarget`] in its extensions, set by the balancer.
 //!
-//! Connection-pool limits (`trafficPolicy.connectionPool`) arrive as a
-//! [`PoolAdmission`] extension from `mesh_resilience::pool_limits`: pools are kept per
-//! cluster (`reviews:9080/v2`) and endpoint, as Envoy's are, so the cluster's connection
+//! Connection-pool limits (`trafficPolicy.connectionPool`) are read from the route's
+//! target and counted in `mesh_resilience::pool_limits`' per-cluster counters: pools are kept
+//! per cluster (`reviews:9080/v2`) and endpoint, as Envoy's are, so the cluster's connection
 //! count is exact. When the cluster may open no more connections, a request waits in the
 //! pending queue (`http1MaxPendingRequests`, overflow `503 UO`) for one to come free, at
 //! most the fail-fast bound, then fails `503 UO`.
@@ -42,7 +42,9 @@ use mesh_core::body::{self, BoxBody, BoxError};
 use mesh_core::config::networking::ClientTlsMode;
 pub use mesh_core::target::UpstreamTarget;
 use mesh_core::target::{EndpointTls, RouteTarget};
-use mesh_resilience::pool_limits::{DEFAULT_FAIL_FAST, Permit, PoolAdmission};
+use mesh_resilience::pool_limits::{
+    CircuitBreakers, DEFAULT_FAIL_FAST, Permit, PoolAdmission, PoolLimits,
+};
 use mesh_tls::connector::{MtlsConnector, OriginationTls};
 use tokio::net::TcpStream;
 
@@ -65,6 +67,8 @@ pub struct Upstream {
     fail_fast: Duration,
     /// This workload's mesh mTLS client, when the Bootstrap gives it an identity.
     mesh_tls: Option<MtlsConnector>,
+    /// Per-cluster counters for `connectionPool` limits; `None`: limits are not enforced.
+    breakers: Option<Arc<CircuitBreakers>>,
 }
 
 impl Default for Upstream {
@@ -80,7 +84,16 @@ impl Upstream {
             connect_timeout,
             fail_fast: DEFAULT_FAIL_FAST,
             mesh_tls: None,
+            breakers: None,
         }
+    }
+
+    /// Enforces the routes' `connectionPool` connection limits (`maxConnections`,
+    /// `http1MaxPendingRequests`, `maxRequestsPerConnection`) in the counters of `breakers`,
+    /// the ones the request-limit and retry layers share.
+    pub fn with_circuit_breakers(mut self, breakers: Arc<CircuitBreakers>) -> Self {
+        self.breakers = Some(breakers);
+        self
     }
 
     /// Originates mesh mTLS with `connector` where the DestinationRule (`ISTIO_MUTUAL`) or
@@ -132,7 +145,7 @@ impl Upstream {
         admission: Option<&PoolAdmission>,
         security: SecurityKind,
     ) -> Arc<EndpointPool> {
-        let cluster = admission.map_or(&target.service, |a| a.cluster.name());
+        let cluster = admission.map_or(&target.service, |a| a.name());
         let key = (cluster.clone(), target.addr, target.http2, security);
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         pools
@@ -158,8 +171,21 @@ impl Upstream {
             )
             .into());
         };
-        let admission = req.extensions().get::<PoolAdmission>().cloned();
         let route = req.extensions().get::<RouteTarget>().cloned();
+        let admission = match (&self.breakers, &route) {
+            (Some(breakers), Some(route)) => {
+                let limits = req
+                    .extensions()
+                    .get::<PoolLimits>()
+                    .copied()
+                    .unwrap_or_else(|| PoolLimits::for_target(route));
+                (limits.limits_connections()
+                    || limits.connect_timeout.is_some()
+                    || limits.idle_timeout.is_some())
+                .then(|| PoolAdmission::new(breakers.clone(), route.name.clone(), limits))
+            }
+            _ => None,
+        };
         let kind = security_kind(route.as_ref(), &target);
         let pool = self.pool(&target, admission.as_ref(), kind);
         let limits = Checkout {
@@ -250,14 +276,14 @@ impl Checkout {
     fn connection_permit(&self) -> Result<Option<Permit>, ()> {
         match &self.admission {
             None => Ok(None),
-            Some(a) => a.cluster.try_connection(&a.limits).map(Some).ok_or(()),
+            Some(a) => a.cluster().try_connection(&a.limits).map(Some).ok_or(()),
         }
     }
 
     /// Joins the cluster's pending queue, or fails `503 UO` when it is full.
     fn pending_permit(&self, a: &PoolAdmission) -> Result<Permit, ProxyError> {
-        a.cluster.try_pending(&a.limits).ok_or_else(|| {
-            a.cluster
+        a.cluster().try_pending(&a.limits).ok_or_else(|| {
+            a.cluster()
                 .overflow("pending requests", a.limits.max_pending_requests)
         })
     }
@@ -275,7 +301,7 @@ impl Checkout {
 
     fn notify_released(&self) {
         if let Some(a) = &self.admission {
-            a.cluster.notify_released();
+            a.cluster().notify_released();
         }
     }
 }
@@ -374,6 +400,10 @@ impl EndpointPool {
         target: &UpstreamTarget,
         checkout: &Checkout,
     ) -> Result<(H1Conn, bool), ProxyError> {
+        // The common case first: an idle pooled connection, with no counter to look at.
+        if let H1Checkout::Idle(c) = self.checkout_h1(false) {
+            return Ok((c, false));
+        }
         let deadline = tokio::time::Instant::now() + checkout.fail_fast;
         let mut pending: Option<Permit> = None;
         loop {
@@ -384,7 +414,7 @@ impl EndpointPool {
                 };
             };
             // Registered before looking, so a release in between is not missed.
-            let released = admission.cluster.released();
+            let released = admission.cluster().released();
             tokio::pin!(released);
             released.as_mut().enable();
             match self.checkout_h1(pending.is_some()) {
@@ -475,7 +505,7 @@ impl EndpointPool {
         let deadline = tokio::time::Instant::now() + checkout.fail_fast;
         let mut pending: Option<Permit> = None;
         let connecting = loop {
-            let released = checkout.admission.as_ref().map(|a| a.cluster.released());
+            let released = checkout.admission.as_ref().map(|a| a.cluster().released());
             let mut released = std::pin::pin!(released);
             if let Some(r) = released.as_mut().as_pin_mut() {
                 r.enable();

@@ -50,7 +50,7 @@
 //! | Istio field | Envoy threshold | enforced by |
 //! |---|---|---|
 //! | `http.http2MaxRequests` | `max_requests`: requests in flight to the cluster (any HTTP version) | [`PoolLimitsLayer`], per attempt, until the response body ends |
-//! | `tcp.maxConnections` | `max_connections`: upstream connections of the cluster | the connection pool, through [`Cluster::try_connection`] |
+//! | `tcp.maxConnections` | `max_connections`: upstream connections of the cluster | the connection pool, through [`PoolAdmission`] and [`Cluster::try_connection`] |
 //! | `http.http1MaxPendingRequests` | `max_pending_requests`: requests waiting for a connection | the connection pool, through [`Cluster::try_pending`] |
 //! | `http.maxRequestsPerConnection` | `max_requests_per_connection` | the connection pool |
 //! | `http.maxRetries` | `max_retries`: retries in flight | [`Cluster::try_retry`], for a retry layer |
@@ -66,9 +66,10 @@
 //! - **Istio's defaults are unlimited** (2^32−1 for every count), not Envoy's 1024:
 //!   [`PoolLimits::UNLIMITED`]. A limit of 0 in the YAML means "unset" in Istio's API and is
 //!   treated so.
-//! - **The limits travel with the request.** The layer reads them from the route's traffic
-//!   policy ([`PoolLimits::from_settings`], a handful of field reads) and leaves them, with the
-//!   cluster, in a [`PoolAdmission`] extension for the connection pool below.
+//! - **Limits are read where they apply.** The layer and the connection pool each read them
+//!   from the route's traffic policy ([`PoolLimits::for_target`], a handful of field reads);
+//!   a limit that is not set costs no counter lookup at all, and the pool looks its
+//!   cluster's counters up ([`PoolAdmission`]) only when it must open a connection or queue.
 //! - **Overflow is not an endpoint failure.** `UO` is a local decision: outlier detection
 //!   does not count it and retries do not retry it (Envoy does neither).
 //! - **Fail fast.** A request admitted as pending waits for a connection at most
@@ -161,6 +162,14 @@ impl PoolLimits {
         }
     }
 
+    /// Whether a connection pool has anything to enforce: a connection or pending-request
+    /// count, or a per-connection request limit.
+    pub fn limits_connections(&self) -> bool {
+        self.max_connections != usize::MAX
+            || self.max_pending_requests != usize::MAX
+            || self.max_requests_per_connection.is_some()
+    }
+
     /// The limits of the route's cluster: its traffic policy's `connectionPool`, if any.
     pub fn for_target(target: &RouteTarget) -> PoolLimits {
         target
@@ -212,12 +221,38 @@ pub struct Cluster {
     released: Notify,
 }
 
-/// What the pool needs to admit one request: its cluster's counters and limits. Inserted by
-/// [`PoolLimitsLayer`] into the request's extensions.
-#[derive(Clone, Debug)]
+/// What a connection pool needs to admit one request: its cluster's limits, and the
+/// cluster's counters, looked up only when the pool has to open a connection or queue the
+/// request (a request served by an idle pooled connection never touches them).
+#[derive(Debug)]
 pub struct PoolAdmission {
-    pub cluster: Arc<Cluster>,
+    breakers: Arc<CircuitBreakers>,
+    name: Arc<str>,
     pub limits: PoolLimits,
+    cluster: std::sync::OnceLock<Arc<Cluster>>,
+}
+
+impl PoolAdmission {
+    /// The admission of a request to cluster `name` under `limits`.
+    pub fn new(breakers: Arc<CircuitBreakers>, name: Arc<str>, limits: PoolLimits) -> Self {
+        PoolAdmission {
+            breakers,
+            name,
+            limits,
+            cluster: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The cluster's name (`reviews:9080/v2`).
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// The cluster's counters.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        self.cluster
+            .get_or_init(|| self.breakers.cluster(&self.name))
+    }
 }
 
 impl Cluster {
@@ -395,7 +430,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<BoxBody>) -> Self::Future {
+    fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
         // Without a route target (the inbound side, an embedder's bare client) there is no
         // cluster to count against.
         let Some(target) = req.extensions().get::<RouteTarget>() else {
@@ -409,14 +444,18 @@ where
             .get::<PoolLimits>()
             .copied()
             .unwrap_or_else(|| PoolLimits::for_target(target));
+        if limits.max_requests == usize::MAX {
+            // Nothing to count: no lookup, no wrapped body.
+            return ResponseFuture::Pass {
+                inner: self.inner.call(req),
+            };
+        }
         let cluster = self.breakers.cluster(&target.name);
         let Some(permit) = cluster.try_request(&limits) else {
             let e = cluster.overflow("requests in flight", limits.max_requests);
             tracing::debug!(error = %e, "request refused");
             return ResponseFuture::Overflow { error: Some(e) };
         };
-        req.extensions_mut()
-            .insert(PoolAdmission { cluster, limits });
         ResponseFuture::Admitted {
             inner: self.inner.call(req),
             permit: Some(permit),

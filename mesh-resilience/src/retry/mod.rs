@@ -130,7 +130,7 @@ use tower::ServiceExt;
 pub use self::backoff::Backoff;
 use self::classify::Verdict;
 use crate::budget::RetryBudget;
-use crate::pool_limits::{CircuitBreakers, Cluster, Permit, PoolLimits};
+use crate::pool_limits::{CircuitBreakers, Permit, PoolLimits};
 pub use crate::previous::PreviousAttempts;
 use crate::replay::Replay;
 
@@ -213,7 +213,7 @@ where
             Some(t) if retries_enabled(&t.retry) && req.method() != Method::CONNECT => {
                 let limit = self.breakers.as_ref().and_then(|b| {
                     let limits = PoolLimits::for_target(t);
-                    (limits.max_retries != usize::MAX).then(|| (b.cluster(&t.name), limits))
+                    (limits.max_retries != usize::MAX).then(|| (b.clone(), limits))
                 });
                 (t.retry.clone(), t.name.clone(), limit)
             }
@@ -363,8 +363,9 @@ struct Attempts<S> {
     policy: Arc<RetryPolicy>,
     name: Arc<str>,
     budget: Arc<RetryBudget>,
-    /// The cluster's `maxRetries` counter, when the route's DestinationRule sets one.
-    retry_limit: Option<(Arc<Cluster>, PoolLimits)>,
+    /// The circuit breakers and the route's limits, when its DestinationRule sets
+    /// `maxRetries`; the cluster's counter is looked up only if a retry comes.
+    retry_limit: Option<(Arc<CircuitBreakers>, PoolLimits)>,
 }
 
 impl<S> Attempts<S> {
@@ -444,9 +445,9 @@ impl<S> Attempts<S> {
                     format_args!("retry limit exceeded after {attempt} attempts"),
                 );
             }
-            if let Some((cluster, limits)) = &self.retry_limit {
+            if let Some((breakers, limits)) = &self.retry_limit {
                 _retry_slot = None;
-                match cluster.try_retry(limits) {
+                match breakers.cluster(&self.name).try_retry(limits) {
                     Some(slot) => _retry_slot = Some(slot),
                     None => {
                         tracing::debug!(service = %self.name, attempt, "not retried: maxRetries in flight");
