@@ -470,3 +470,141 @@ spec:
     let plain = tokio::net::TcpStream::connect(inbound).await.unwrap();
     assert_eq!(echo(plain).await, None);
 }
+
+/// HTTP/2 between sidecars: ALPN `h2` on the mTLS connection, and the app sees HTTP/2.
+#[tokio::test]
+async fn http2_between_sidecars_over_mtls() {
+    let pki = Pki::new();
+    let app = App::start("reviews").await;
+    let server = reviews_sidecar(&pki, &app, STRICT).await;
+    let client = productpage_sidecar(
+        &pki.issue("productpage"),
+        server.inbound_addr().unwrap(),
+        "reviews",
+    )
+    .await;
+    // An HTTP/2 client names the service in `:authority` and connects to its sidecar.
+    let stream = tokio::net::TcpStream::connect(client.outbound_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("http://reviews:9080/")
+        .body(mesh_core::body::empty())
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "x-seen-version"), "HTTP/2.0");
+    assert!(header(&resp, "x-seen-xfcc").contains("sa/productpage"));
+}
+
+/// An HTTPS server outside the mesh, with a certificate for `external.example` from a
+/// public-style root (not the mesh CA): what `tls.mode: SIMPLE` originates TLS to.
+async fn external_https(dir: &Path) -> (SocketAddr, String) {
+    use rustls::pki_types::pem::PemObject;
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["external.example".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let ca_path = dir.join("external-root.pem");
+    std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+
+    let config = rustls::ServerConfig::builder_with_provider(mesh_tls::verify::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
+                .unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let sni = tls.get_ref().1.server_name().unwrap_or("-").to_owned();
+                let svc = hyper::service::service_fn(move |_req| {
+                    let sni = sni.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            mesh_core::body::full(format!("hello over TLS to {sni}")),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, ca_path.display().to_string())
+}
+
+/// Istio's egress TLS origination: the app speaks plain HTTP to its sidecar, which opens
+/// TLS to the external service (verifying its name against the given root); with the wrong
+/// root the connection fails `503 UF`.
+#[tokio::test]
+async fn simple_tls_origination_to_an_external_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, ca) = external_https(dir.path()).await;
+    let other_root = Pki::new();
+    let config = |ca: &str| {
+        format!(
+            "{}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: external, namespace: default }}
+spec:
+  hosts: [external.example]
+  ports: [{{ number: 80, name: http, protocol: HTTP }}]
+  resolution: STATIC
+  location: MESH_EXTERNAL
+  endpoints: [{{ address: \"{}\", ports: {{ http: {} }} }}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: external, namespace: default }}
+spec:
+  host: external.example
+  trafficPolicy: {{ tls: {{ mode: SIMPLE, caCertificates: \"{ca}\" }} }}
+",
+            bootstrap("client", None),
+            addr.ip(),
+            addr.port()
+        )
+    };
+    let proxy = start_proxy(&config(&ca)).await;
+    let resp = http1_client()
+        .request(get(proxy.outbound_addr().unwrap(), "external.example", "/"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(text(resp).await, "hello over TLS to external.example");
+
+    let wrong = other_root.dir.path().join("ca").join("ca.pem");
+    let proxy = start_proxy(&config(&wrong.display().to_string())).await;
+    let resp = http1_client()
+        .request(get(proxy.outbound_addr().unwrap(), "external.example", "/"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(header(&resp, "x-mesh-response-flags").starts_with("UF"));
+}
