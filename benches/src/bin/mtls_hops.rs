@@ -118,13 +118,19 @@ async fn start(dir: &Path) -> anyhow::Result<Started> {
     let ca = CertificateAuthority::generate("cluster.local")?;
     for sa in ["client", "server"] {
         let id = Identity::parse(&format!("spiffe://cluster.local/ns/default/sa/{sa}"))?;
-        ca.issue(&id, mesh_tls::ca::DEFAULT_TTL)?.save(&dir.join(sa))?;
+        ca.issue(&id, mesh_tls::ca::DEFAULT_TTL)?
+            .save(&dir.join(sa))?;
     }
     let mut proxies = Vec::new();
     let client_of = |tls: bool| {
         let dir = dir.to_owned();
         async move {
-            let server = proxy(&sidecar("server", Some(backend), tls.then(|| dir.join("server")))).await?;
+            let server = proxy(&sidecar(
+                "server",
+                Some(backend),
+                tls.then(|| dir.join("server")),
+            ))
+            .await?;
             let inbound = server.inbound_addr().context("no inbound listener")?;
             let client = proxy(&format!(
                 "{}{}",
