@@ -13,6 +13,8 @@
 //!   balancer.
 //! - [`target`]: what routing and balancing decide for a request ([`target::RouteTarget`],
 //!   [`target::UpstreamTarget`]) and the compiled retry policy routes hand to resilience.
+//! - [`stream_info`]: what inner layers learn about a request (route, endpoint, its identity)
+//!   for the telemetry layers above them.
 #![forbid(unsafe_code)]
 
 pub mod body;
@@ -26,6 +28,7 @@ pub mod health;
 pub mod host;
 pub mod identity;
 pub mod labels;
+pub mod stream_info;
 pub mod target;
 
 pub use endpoint::Endpoint;
