@@ -1,8 +1,8 @@
 //! What the inner layers of one request learn about it, for the telemetry layers above them.
 //!
 //! The access log, metrics and trace layers sit outermost: they see the request as it arrives
-//! and the response as it leaves, but the route, the endpoint that answered and that
-//! endpoint's verified identity are decided further in. The outermost layer that wants them
+//! and the response as it leaves, but the route, the endpoint that answered, that
+//! endpoint's verified identity and the trace id are decided further in. The outermost layer that wants them
 //! puts a [`StreamInfo`] in the request's extensions ([`StreamInfo::attach`]); the route layer
 //! and the upstream connector record into it; being shared, the outer layer reads it when the
 //! response is done. Envoy's `StreamInfo` plays the same part.
@@ -39,6 +39,8 @@ struct Inner {
     /// The last attempt's endpoint and its verified identity: after retries, the one that
     /// answered.
     upstream: Mutex<Upstream>,
+    /// The W3C trace id of the request's span, set by the trace layer (16 bytes).
+    trace_id: OnceLock<[u8; 16]>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -88,6 +90,16 @@ impl StreamInfo {
     /// The verified identity of the last attempt's endpoint, when it spoke mTLS.
     pub fn upstream_peer(&self) -> Option<Identity> {
         self.lock().peer.clone()
+    }
+
+    /// Records the request's trace id (the trace layer, once it has a span context).
+    pub fn set_trace_id(&self, id: [u8; 16]) {
+        let _ = self.0.trace_id.set(id);
+    }
+
+    /// The request's trace id, if a trace layer ran.
+    pub fn trace_id(&self) -> Option<[u8; 16]> {
+        self.0.trace_id.get().copied()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Upstream> {
