@@ -126,7 +126,11 @@ mod tests {
         inner.set_upstream_peer(Identity::parse("spiffe://cluster.local/ns/a/sa/b").unwrap());
         inner.set_upstream("127.0.0.1:2".parse().unwrap());
         assert_eq!(outer.upstream(), Some("127.0.0.1:2".parse().unwrap()));
-        assert_eq!(again.upstream_peer(), None, "a new attempt clears the old peer");
+        assert_eq!(
+            again.upstream_peer(),
+            None,
+            "a new attempt clears the old peer"
+        );
         assert!(outer.route().is_none());
     }
 }

@@ -13,7 +13,8 @@
 //! by the DestinationRule's policy (default: P2C over peak EWMA) and attaches an
 //! `UpstreamTarget`; [`Upstream`] sends it. Between routing and balancing, the route's
 //! `timeout` bounds the whole request (504 `UT`) and its retry policy (Istio's default when it
-//! sets none) retries within a proxy-wide retry budget (20% of requests + 10/s over 10 s);
+//! sets none) retries within its cluster's retry budget (20% of requests + 10/s over 10 s unless the
+//! DestinationRule's `retryBudget` says otherwise);
 //! `RecordEndpoint` tells the retry layer which endpoint each attempt went to. Outlier
 //! detection (the DestinationRule's `outlierDetection`) counts each endpoint's consecutive
 //! errors in the health registry it shares with the balancer, which skips ejected endpoints.
@@ -24,7 +25,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use mesh_resilience::budget::RetryBudget;
+use mesh_resilience::budget::RetryBudgets;
 use mesh_resilience::outlier::OutlierDetectionLayer;
 use mesh_resilience::pool_limits::{CircuitBreakers, PoolLimitsLayer};
 use mesh_resilience::previous::RecordEndpointLayer;
@@ -41,11 +42,11 @@ use crate::server::HttpService;
 use crate::upstream::Upstream;
 
 /// Builds the outbound stack over the proxy's swappable route table, its balancer and its
-/// retry budget.
+/// per-cluster retry budgets.
 pub fn stack(
     routes: &Arc<ArcSwap<RouteTable>>,
     balancer: &BalanceLayer,
-    budget: &Arc<RetryBudget>,
+    budgets: &Arc<RetryBudgets>,
     breakers: &Arc<CircuitBreakers>,
     upstream: Upstream,
 ) -> HttpService {
@@ -55,7 +56,7 @@ pub fn stack(
             .layer(ProxyHeadersLayer)
             .layer(RouteLayer::new(routes.clone()))
             .layer(RequestTimeoutLayer)
-            .layer(RetryLayer::new(budget.clone()).with_circuit_breakers(breakers.clone()))
+            .layer(RetryLayer::per_cluster(budgets.clone()).with_circuit_breakers(breakers.clone()))
             .layer(balancer.clone())
             .layer(OutlierDetectionLayer::new(balancer.health()))
             .layer(PoolLimitsLayer::new(breakers.clone()))

@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use mesh_resilience::budget::RetryBudget;
+use mesh_resilience::budget::RetryBudgets;
 use mesh_resilience::pool_limits::CircuitBreakers;
 use mesh_routing::balance::BalanceLayer;
 use mesh_routing::{RouteTable, SourceContext};
@@ -225,7 +225,7 @@ impl RunningProxy {
             outbound::stack(
                 &shared.routes,
                 &shared.balancer,
-                &Arc::new(RetryBudget::default()),
+                &Arc::new(RetryBudgets::default()),
                 &breakers,
                 upstream.clone(),
             ),

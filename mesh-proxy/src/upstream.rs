@@ -40,6 +40,7 @@ use mesh_core::ProxyError;
 use mesh_core::ResponseFlags;
 use mesh_core::body::{self, BoxBody, BoxError};
 use mesh_core::config::networking::ClientTlsMode;
+use mesh_core::stream_info::StreamInfo;
 pub use mesh_core::target::UpstreamTarget;
 use mesh_core::target::{EndpointTls, RouteTarget};
 use mesh_resilience::pool_limits::{
@@ -155,6 +156,7 @@ impl Upstream {
                     addr: target.addr,
                     h1: Mutex::default(),
                     h2: Mutex::new(H2State::Idle),
+                    peer: Arc::default(),
                     idle_timeout_ms: std::sync::atomic::AtomicU64::new(
                         IDLE_TIMEOUT.as_millis() as u64
                     ),
@@ -206,11 +208,21 @@ impl Upstream {
                 std::sync::atomic::Ordering::Relaxed,
             );
         }
+        let info = req.extensions().get::<StreamInfo>().cloned();
+        if let Some(info) = &info {
+            info.set_upstream(target.addr);
+        }
         let result = if target.http2 {
             pool.send_h2(&target, &limits, req).await
         } else {
             pool.send_h1(&target, &limits, req).await
         };
+        if let Some(info) = &info
+            && kind == SecurityKind::Mesh
+            && let Some(peer) = pool.peer.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        {
+            info.set_upstream_peer(peer);
+        }
         Ok(result?.map(body::boxed))
     }
 }
@@ -245,7 +257,12 @@ struct EndpointPool {
     h2: Mutex<H2State>,
     /// The cluster's `http.idleTimeout` as last seen, in milliseconds.
     idle_timeout_ms: std::sync::atomic::AtomicU64,
+    /// The identity the endpoint proved in its last mTLS handshake (every connection of a
+    /// mesh pool is verified against the same expectation), for telemetry.
+    peer: PeerSlot,
 }
+
+type PeerSlot = Arc<Mutex<Option<Identity>>>;
 
 /// A pooled HTTP/1.1 connection: when it was last handed out and how many requests it has
 /// carried (for `maxRequestsPerConnection`).
@@ -371,6 +388,7 @@ impl EndpointPool {
             checkout.connect_timeout(),
             &checkout.security.resolve(),
             false,
+            &self.peer,
         )
         .await
         .map_err(|e| connect_failed(&e))?;
@@ -524,6 +542,7 @@ impl EndpointPool {
                         checkout.connect_timeout(),
                         checkout.security.resolve(),
                         permit,
+                        self.peer.clone(),
                     );
                     *state = H2State::Connecting(fut.clone());
                     break fut;
@@ -586,9 +605,10 @@ fn h2_connect(
     timeout: Duration,
     security: Security,
     permit: Option<Permit>,
+    peer: PeerSlot,
 ) -> H2Connect {
     async move {
-        let io = dial(addr, timeout, &security, true)
+        let io = dial(addr, timeout, &security, true, &peer)
             .await
             .map_err(|e| Arc::<str>::from(e.to_string()))?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -628,6 +648,7 @@ async fn dial(
     timeout: Duration,
     security: &Security,
     http2: bool,
+    peer: &PeerSlot,
 ) -> Result<TokioIo<Box<dyn Io>>, DialError> {
     if let Security::Unavailable(reason) = security {
         return Err(DialError::Tls(reason.to_string()));
@@ -648,7 +669,10 @@ async fn dial(
             connector,
             expected,
         } => match connector.connect(stream, expected, http2).await {
-            Ok(connected) => Box::new(connected.stream),
+            Ok(connected) => {
+                *peer.lock().unwrap_or_else(|p| p.into_inner()) = Some(connected.peer);
+                Box::new(connected.stream)
+            }
             Err(e) => {
                 if matches!(e, mesh_tls::TlsError::IdentityMismatch { .. }) {
                     tracing::warn!(endpoint = %addr, error = %e, "refusing the endpoint's identity");

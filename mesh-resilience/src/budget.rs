@@ -54,13 +54,29 @@
 //! Who deposits and withdraws: [`Retry`](crate::retry::Retry) deposits once per request that
 //! could be retried (a route with retries on, a request that is not `CONNECT`) and withdraws
 //! once per retry. A refused withdrawal returns the failure in hand, flagged `UO` as Envoy
-//! flags a retry overflow. Scope is the caller's: one `Arc<RetryBudget>` per
-//! [`RetryLayer`](crate::retry::RetryLayer) shares it across every route of that stack;
-//! Envoy and Linkerd budget per upstream cluster or route, which one layer per service does.
+//! flags a retry overflow.
+//!
+//! # Scope
+//!
+//! One `Arc<RetryBudget>` given to [`RetryLayer::new`](crate::retry::RetryLayer::new) is
+//! shared by every route of that stack. A sidecar wants one budget per upstream cluster, as
+//! Envoy and Linkerd keep them: with one shared budget, the deposits of a busy healthy
+//! service would pay for the retries of a failing one, which could then retry far more than
+//! 20 % of its own traffic. [`RetryBudgets`] keeps a budget per cluster (the route target's
+//! `host:port/subset`), created on the cluster's first request with the settings of its
+//! DestinationRule's `trafficPolicy.retryBudget`:
+//!
+//! - `percent` is the ratio (Istio's `retryBudget.percent`; unset, Linkerd's 20 %);
+//! - `minRetryConcurrency` becomes the minimum per second. Envoy's minimum is retries in
+//!   flight at once; this budget counts retries over time, so the nearest meaning is a floor
+//!   of retries a second (unset, Linkerd's 10). A cluster with almost no traffic can still
+//!   retry at that rate, which is what both minimums exist for.
 
-use std::sync::{Mutex, PoisonError};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use mesh_core::target::RouteTarget;
 use tokio::time::Instant;
 
 /// Slots the window is cut into.
@@ -206,6 +222,90 @@ impl Window {
     fn add(&mut self, amount: i64) {
         let i = (self.current % RING as u64) as usize;
         self.net[i] = self.net[i].saturating_add(amount);
+    }
+}
+
+/// One [`RetryBudget`] per upstream cluster, configured by the cluster's DestinationRule
+/// `trafficPolicy.retryBudget`; see the module docs.
+#[derive(Debug)]
+pub struct RetryBudgets {
+    ttl: Duration,
+    by_cluster: Mutex<HashMap<Arc<str>, ClusterBudget>>,
+}
+
+/// A cluster's budget and the settings it was made with.
+type ClusterBudget = (BudgetSettings, Arc<RetryBudget>);
+
+/// What a cluster's budget was made with, to see a changed DestinationRule.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct BudgetSettings {
+    min_per_sec: u32,
+    retry_ratio: f32,
+}
+
+impl RetryBudgets {
+    /// Clusters a registry holds before it forgets them all (a config that names more is
+    /// unusual; forgetting only resets windows, it never refuses a request).
+    const MAX_CLUSTERS: usize = 10_000;
+
+    /// Per-cluster budgets over windows of `ttl` (Linkerd's 10 s by default).
+    pub fn new(ttl: Duration) -> Result<RetryBudgets, RetryBudgetError> {
+        RetryBudget::new(ttl, 0, 0.0)?;
+        Ok(RetryBudgets {
+            ttl,
+            by_cluster: Mutex::default(),
+        })
+    }
+
+    /// The budget of `target`'s cluster, made on first use. A cluster whose DestinationRule
+    /// changed its `retryBudget` starts a new window with the new settings.
+    pub fn for_target(&self, target: &RouteTarget) -> Arc<RetryBudget> {
+        let settings = Self::settings(target);
+        let mut map = self
+            .by_cluster
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((made_with, budget)) = map.get(&target.name)
+            && *made_with == settings
+        {
+            return budget.clone();
+        }
+        if map.len() >= Self::MAX_CLUSTERS {
+            map.clear();
+        }
+        let budget = Arc::new(RetryBudget::build(
+            self.ttl,
+            settings.min_per_sec,
+            settings.retry_ratio,
+        ));
+        map.insert(target.name.clone(), (settings, budget.clone()));
+        budget
+    }
+
+    fn settings(target: &RouteTarget) -> BudgetSettings {
+        let configured = target
+            .traffic_policy
+            .as_ref()
+            .and_then(|p| p.retry_budget.as_ref());
+        BudgetSettings {
+            min_per_sec: configured
+                .and_then(|b| b.min_retry_concurrency)
+                .unwrap_or(RetryBudget::DEFAULT_MIN_PER_SEC),
+            // Config validation keeps percents in 0..=100.
+            retry_ratio: configured
+                .and_then(|b| b.percent)
+                .map_or(RetryBudget::DEFAULT_RETRY_RATIO, |p| p.fraction() as f32),
+        }
+    }
+}
+
+impl Default for RetryBudgets {
+    /// Linkerd's 10 s window.
+    fn default() -> Self {
+        RetryBudgets {
+            ttl: RetryBudget::DEFAULT_TTL,
+            by_cluster: Mutex::default(),
+        }
     }
 }
 

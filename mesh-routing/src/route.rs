@@ -16,6 +16,7 @@ use http::header::HeaderValue;
 use http::{Request, Response};
 use mesh_core::body::BoxBody;
 use mesh_core::config::networking::HttpRoute;
+use mesh_core::stream_info::StreamInfo;
 use mesh_core::{ProxyError, ResponseFlags};
 
 use crate::authority::request_authority;
@@ -256,6 +257,9 @@ impl Ctx {
         }
         route.headers.request.apply(req.headers_mut());
         dest.headers.request.apply(req.headers_mut());
+        if let Some(info) = req.extensions().get::<StreamInfo>() {
+            info.set_route(target);
+        }
         req.extensions_mut().insert(target.clone());
         mirror::fire(&forward.mirrors, &mut req, inner, forward.mirror_timeout);
         Step::Forward(req, self.finish(Some(index), true))

@@ -2,6 +2,8 @@
 //!
 //! - `/echo`: streams the request body back as it arrives.
 //! - `/delay?ms=N`: answers after N ms.
+//! - `/fail-every?n=N`: answers 503 to every N-th request the app receives (its `received`
+//!   count), else as usual: a deterministic partly broken endpoint.
 //! - anything else: `hello from NAME`.
 //!
 //! Every response says what the app saw: `x-app` (its name), `x-seen-host`,
@@ -75,8 +77,8 @@ impl App {
                         .map(|p| p.to_string())
                         .unwrap_or_default();
                     log.lock().unwrap().push((host, path));
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    handle(name, status, req)
+                    let nth = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                    handle(name, status, nth, req)
                 });
                 let open_count = open_count.clone();
                 open_count.fetch_add(1, Ordering::SeqCst);
@@ -111,8 +113,14 @@ impl Drop for App {
 async fn handle(
     name: &'static str,
     status: u16,
+    nth: usize,
     req: Request<Incoming>,
 ) -> Result<Response<BoxBody>, std::convert::Infallible> {
+    let every = |q: &str| q.strip_prefix("n=").and_then(|v| v.parse::<usize>().ok());
+    let status = match req.uri().query().and_then(every) {
+        Some(n) if req.uri().path() == "/fail-every" && n > 0 && nth % n == 0 => 503,
+        _ => status,
+    };
     let seen = |h: &str| {
         req.headers()
             .get(h)

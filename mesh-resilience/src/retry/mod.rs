@@ -129,7 +129,7 @@ use tower::ServiceExt;
 
 pub use self::backoff::Backoff;
 use self::classify::Verdict;
-use crate::budget::RetryBudget;
+use crate::budget::{RetryBudget, RetryBudgets};
 use crate::pool_limits::{CircuitBreakers, Permit, PoolLimits};
 pub use crate::previous::PreviousAttempts;
 use crate::replay::Replay;
@@ -140,15 +140,43 @@ pub const RESPONSE_PEEK_LIMIT: usize = 64 * 1024;
 /// Retries requests by their route's policy; see the module docs.
 #[derive(Clone, Debug)]
 pub struct RetryLayer {
-    budget: Arc<RetryBudget>,
+    budget: BudgetScope,
     body_limit: usize,
     breakers: Option<Arc<CircuitBreakers>>,
+}
+
+/// Which budget a request's retries draw on.
+#[derive(Clone, Debug)]
+enum BudgetScope {
+    /// One for every request of the layer.
+    Shared(Arc<RetryBudget>),
+    /// Its cluster's.
+    PerCluster(Arc<RetryBudgets>),
+}
+
+impl BudgetScope {
+    fn for_target(&self, target: &RouteTarget) -> Arc<RetryBudget> {
+        match self {
+            BudgetScope::Shared(budget) => budget.clone(),
+            BudgetScope::PerCluster(budgets) => budgets.for_target(target),
+        }
+    }
 }
 
 impl RetryLayer {
     /// Retries drawing on `budget` (share one `Arc` across the layers that should share it);
     /// request bodies up to 64 KiB are replayable.
     pub fn new(budget: Arc<RetryBudget>) -> Self {
+        Self::with_scope(BudgetScope::Shared(budget))
+    }
+
+    /// Retries drawing on their cluster's budget in `budgets`, configured by each cluster's
+    /// DestinationRule `retryBudget` (what a sidecar wants; see [`RetryBudgets`]).
+    pub fn per_cluster(budgets: Arc<RetryBudgets>) -> Self {
+        Self::with_scope(BudgetScope::PerCluster(budgets))
+    }
+
+    fn with_scope(budget: BudgetScope) -> Self {
         RetryLayer {
             budget,
             body_limit: Replay::DEFAULT_LIMIT,
@@ -187,7 +215,7 @@ impl<S> tower::Layer<S> for RetryLayer {
 #[derive(Clone, Debug)]
 pub struct Retry<S> {
     inner: S,
-    budget: Arc<RetryBudget>,
+    budget: BudgetScope,
     body_limit: usize,
     breakers: Option<Arc<CircuitBreakers>>,
 }
@@ -209,13 +237,18 @@ where
     }
 
     fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
-        let (policy, name, retry_limit) = match req.extensions().get::<RouteTarget>() {
+        let (policy, name, retry_limit, budget) = match req.extensions().get::<RouteTarget>() {
             Some(t) if retries_enabled(&t.retry) && req.method() != Method::CONNECT => {
                 let limit = self.breakers.as_ref().and_then(|b| {
                     let limits = PoolLimits::for_target(t);
                     (limits.max_retries != usize::MAX).then(|| (b.clone(), limits))
                 });
-                (t.retry.clone(), t.name.clone(), limit)
+                (
+                    t.retry.clone(),
+                    t.name.clone(),
+                    limit,
+                    self.budget.for_target(t),
+                )
             }
             _ => {
                 return ResponseFuture {
@@ -225,7 +258,7 @@ where
                 };
             }
         };
-        self.budget.deposit();
+        budget.deposit();
 
         let (mut parts, body) = req.into_parts();
         parts.extensions.insert(PreviousAttempts::default());
@@ -245,7 +278,7 @@ where
             replay,
             policy,
             name,
-            budget: self.budget.clone(),
+            budget,
             retry_limit,
         };
         ResponseFuture {

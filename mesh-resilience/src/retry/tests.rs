@@ -618,3 +618,71 @@ fn retry_on_helpers_see_the_default() {
     assert!(!retries_enabled(&RetryPolicy::none()));
     assert!(classify::wants_grpc(&RetryOn::istio_default()));
 }
+
+/// A request to `cluster` (`host:port`) with one retry on 503 and, when given, the
+/// DestinationRule `retryBudget` its traffic policy would carry.
+fn cluster_request(cluster: &str, percent: Option<f64>, min: Option<u32>) -> Request<BoxBody> {
+    let mut target = crate::doc_support::route_target(cluster);
+    target.retry = Arc::new(policy("503", 1));
+    if percent.is_some() || min.is_some() {
+        let budget = mesh_core::config::networking::RetryBudget {
+            percent: percent.map(|value| mesh_core::config::Percent { value }),
+            min_retry_concurrency: min,
+        };
+        target.traffic_policy = Some(Arc::new(mesh_core::config::networking::TrafficPolicy {
+            retry_budget: Some(budget),
+            ..Default::default()
+        }));
+    }
+    crate::test_support::with_target(Request::new(body::empty()), target)
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_cluster_budgets_keep_a_healthy_service_from_paying_for_a_failing_one() {
+    let budgets = Arc::new(RetryBudgets::default());
+    let (svc, calls) = endpoint(|_, req: Request<BoxBody>| {
+        let failing = req
+            .extensions()
+            .get::<RouteTarget>()
+            .is_some_and(|t| t.name.starts_with("ratings"));
+        async move { Ok(status(if failing { 503 } else { 200 })) }
+    });
+    let svc = RetryLayer::per_cluster(budgets).layer(svc);
+    // 1,000 healthy requests to reviews: with one shared budget they would buy 200 retries.
+    for _ in 0..1000 {
+        let resp = svc
+            .clone()
+            .oneshot(cluster_request("reviews:9080", None, Some(0)))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    assert_eq!(calls.swap(0, Ordering::SeqCst), 1000);
+    // ratings fails every request; its own budget: 10 % of its 20 requests, no minimum.
+    for _ in 0..20 {
+        svc.clone()
+            .oneshot(cluster_request("ratings:9080", Some(10.0), Some(0)))
+            .await
+            .unwrap();
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 20 + 2);
+}
+
+#[test]
+fn a_cluster_budget_follows_its_destination_rule() {
+    let budgets = RetryBudgets::default();
+    let target = |req: Request<BoxBody>| req.extensions().get::<RouteTarget>().unwrap().clone();
+    let defaults = budgets.for_target(&target(cluster_request("reviews:9080", None, None)));
+    assert_eq!(defaults.min_per_sec(), 10);
+    assert!((defaults.retry_ratio() - 0.2).abs() < 1e-6);
+    let same = budgets.for_target(&target(cluster_request("reviews:9080", None, None)));
+    assert!(Arc::ptr_eq(&defaults, &same), "one budget per cluster");
+    let changed = budgets.for_target(&target(cluster_request(
+        "reviews:9080",
+        Some(50.0),
+        Some(3),
+    )));
+    assert_eq!((changed.min_per_sec(), changed.retry_ratio()), (3, 0.5));
+    let other = budgets.for_target(&target(cluster_request("ratings:9080", None, None)));
+    assert!(!Arc::ptr_eq(&other, &changed));
+}
