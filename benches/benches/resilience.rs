@@ -12,7 +12,8 @@
 //! - `default_retries_body_1k`: a 1 KiB request body, copied for replay as the endpoint reads
 //!   it.
 //! - `no_retries_timeout`: `attempts: 0` and a route timeout: the pass-through path.
-//! - `all_layers`: `RequestTimeout → Retry → OutlierDetection → PoolLimits → endpoint` with
+//! - `all_layers`: `RequestTimeout → Retry → OutlierDetection → PoolLimits → endpoint`, as
+//!   the sidecar stacks them (retries on per-cluster budgets), with
 //!   a 15 s route timeout, Istio's default retries, and a DestinationRule setting
 //!   `outlierDetection` and every `connectionPool` limit (so each counter is taken and given
 //!   back, and the response body holds the request slot until it ends).
@@ -30,6 +31,7 @@ use mesh_core::body::{self, BoxBody, BoxError};
 use mesh_core::config::networking::TrafficPolicy;
 use mesh_core::health::HealthRegistry;
 use mesh_core::target::{RetryPolicy, RouteTarget, UpstreamTarget};
+use mesh_resilience::budget::RetryBudgets;
 use mesh_resilience::doc_support::route_target;
 use mesh_resilience::outlier::OutlierDetectionLayer;
 use mesh_resilience::pool_limits::{CircuitBreakers, PoolLimitsLayer};
@@ -57,7 +59,7 @@ fn with_all_layers() -> Svc {
         ServiceBuilder::new()
             .layer(RequestTimeoutLayer)
             .layer(
-                RetryLayer::new(Arc::new(RetryBudget::default()))
+                RetryLayer::per_cluster(Arc::new(RetryBudgets::default()))
                     .with_circuit_breakers(breakers.clone()),
             )
             .layer(OutlierDetectionLayer::new(Arc::new(HealthRegistry::new())))

@@ -216,6 +216,8 @@ pub struct HealthRegistry {
     /// Held while deciding and applying one ejection, so two cannot both pass
     /// `maxEjectionPercent`.
     ejecting: Mutex<()>,
+    /// Ejections so far, for metrics.
+    ejections: std::sync::atomic::AtomicU64,
 }
 
 impl HealthRegistry {
@@ -286,7 +288,14 @@ impl HealthRegistry {
                 return None;
             }
         }
+        self.ejections.fetch_add(1, Ordering::Relaxed);
         Some(endpoint.eject(ejection, now))
+    }
+
+    /// Ejections made since the registry was created (Envoy's
+    /// `outlier_detection.ejections_enforced_total`).
+    pub fn ejections_total(&self) -> u64 {
+        self.ejections.load(Ordering::Relaxed)
     }
 
     /// Forgets endpoints nobody else holds (no set, balancer or request) and that are not

@@ -6,9 +6,10 @@
 //! - `GET /config_dump`: the effective configuration as JSON.
 //! - `GET /clusters`: every balanced service (and subset) with its endpoints, named
 //!   `address:port`, and their live figures (weight, in-flight, EWMA latency, health).
-//! - `GET /metrics` (also `/stats/prometheus`): OpenMetrics text. Today only
-//!   `mesh_identity_cert_expiration_timestamp_seconds`, the workload certificate's expiry;
-//!   Istio's request metrics arrive with the telemetry layers.
+//! - `GET /metrics` (also `/stats/prometheus`): OpenMetrics text. Today
+//!   `mesh_identity_cert_expiration_timestamp_seconds` (the workload certificate's expiry),
+//!   `mesh_outlier_ejections_total` and `mesh_outlier_ejected_endpoints{cluster}`; Istio's
+//!   request metrics arrive with the telemetry layers.
 //!
 //! Reads are GET (or HEAD); anything else answers 405, as Envoy refuses mutations by GET.
 
@@ -72,6 +73,7 @@ fn metrics(shared: &Shared) -> Response<BoxBody> {
             gauge,
         );
     }
+    register_outlier_metrics(shared, &mut registry);
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
         return text(
@@ -87,6 +89,37 @@ fn metrics(shared: &Shared) -> Response<BoxBody> {
         ),
     );
     r
+}
+
+/// Outlier detection as Envoy counts it: ejections made so far, and the endpoints of each
+/// balanced set ejected now (read from the same snapshot as `/clusters`).
+fn register_outlier_metrics(shared: &Shared, registry: &mut prometheus_client::registry::Registry) {
+    use mesh_routing::balance::Health;
+    use prometheus_client::metrics::counter::ConstCounter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+
+    registry.register(
+        "mesh_outlier_ejections",
+        "Endpoints ejected by outlier detection since the proxy started",
+        ConstCounter::new(shared.health().ejections_total()),
+    );
+    let ejected = Family::<Vec<(&'static str, String)>, Gauge>::default();
+    for cluster in shared.clusters() {
+        let now = cluster
+            .endpoints
+            .iter()
+            .filter(|e| e.health == Health::Ejected)
+            .count();
+        ejected
+            .get_or_create(&vec![("cluster", cluster.name.clone())])
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
+    }
+    registry.register(
+        "mesh_outlier_ejected_endpoints",
+        "Endpoints of each balanced set (host:port/subset) ejected by outlier detection now",
+        ejected,
+    );
 }
 
 fn json(value: &impl serde::Serialize) -> Response<BoxBody> {

@@ -87,6 +87,11 @@ impl Shared {
         self.balancer.clusters()
     }
 
+    /// Outlier-detection state, shared by the balancer and the outlier layer.
+    pub fn health(&self) -> Arc<mesh_core::health::HealthRegistry> {
+        self.balancer.health()
+    }
+
     /// The workload's identity, when it has one.
     pub fn credentials(&self) -> Option<&Arc<Credentials>> {
         self.credentials.as_ref()

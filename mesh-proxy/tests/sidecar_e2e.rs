@@ -574,4 +574,21 @@ spec:
         "{clusters}"
     );
     assert_eq!(health(a.addr).as_deref(), Some("healthy"), "{clusters}");
+
+    // ... and in the metrics.
+    let resp = http
+        .request(get(proxy.admin_addr(), "admin", "/metrics"))
+        .await
+        .unwrap();
+    let metrics = text(resp).await;
+    assert!(
+        metrics.contains("mesh_outlier_ejections_total 1\n"),
+        "{metrics}"
+    );
+    let ejected: Vec<_> = metrics
+        .lines()
+        .filter(|l| l.starts_with("mesh_outlier_ejected_endpoints{"))
+        .collect();
+    assert_eq!(ejected.len(), 1, "one balanced set: {metrics}");
+    assert!(ejected[0].ends_with("} 1"), "{metrics}");
 }
