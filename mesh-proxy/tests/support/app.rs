@@ -118,7 +118,7 @@ async fn handle(
 ) -> Result<Response<BoxBody>, std::convert::Infallible> {
     let every = |q: &str| q.strip_prefix("n=").and_then(|v| v.parse::<usize>().ok());
     let status = match req.uri().query().and_then(every) {
-        Some(n) if req.uri().path() == "/fail-every" && n > 0 && nth % n == 0 => 503,
+        Some(n) if req.uri().path() == "/fail-every" && n > 0 && nth.is_multiple_of(n) => 503,
         _ => status,
     };
     let seen = |h: &str| {
