@@ -37,6 +37,12 @@ impl HostName {
         }
     }
 
+    /// The name as a shared string (a clone of the same allocation, so callers may key on
+    /// its address).
+    pub fn to_arc(&self) -> Arc<str> {
+        self.0.clone()
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -6,10 +6,12 @@
 //! - `GET /config_dump`: the effective configuration as JSON.
 //! - `GET /clusters`: every balanced service (and subset) with its endpoints, named
 //!   `address:port`, and their live figures (weight, in-flight, EWMA latency, health).
-//! - `GET /metrics` (also `/stats/prometheus`): OpenMetrics text. Today
-//!   `mesh_identity_cert_expiration_timestamp_seconds` (the workload certificate's expiry),
-//!   `mesh_outlier_ejections_total` and `mesh_outlier_ejected_endpoints{cluster}`; Istio's
-//!   request metrics arrive with the telemetry layers.
+//! - `GET /metrics` (also `/stats/prometheus`): Istio's standard metrics from both stacks
+//!   (`istio_requests_total`, ...; see `mesh_telemetry::metrics`), `process_*`, and the
+//!   proxy's own: `mesh_identity_cert_expiration_timestamp_seconds` (the workload
+//!   certificate's expiry), `mesh_outlier_ejections_total` and
+//!   `mesh_outlier_ejected_endpoints{cluster}`. Prometheus text 0.0.4, or OpenMetrics when
+//!   the scraper's `Accept` asks for it.
 //!
 //! Reads are GET (or HEAD); anything else answers 405, as Envoy refuses mutations by GET.
 
@@ -19,6 +21,14 @@ use std::sync::Arc;
 use http::{Method, Request, Response, StatusCode, header};
 use mesh_core::body::{self, BoxBody};
 use tower::util::BoxCloneSyncService;
+
+use mesh_routing::balance::Health;
+use mesh_telemetry::metrics::Format;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::proxy::Shared;
 use crate::server::HttpService;
@@ -51,75 +61,94 @@ fn handle(shared: &Shared, req: &Request<BoxBody>) -> Response<BoxBody> {
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "NOT READY\n"),
         "/live" => text(StatusCode::OK, "LIVE\n"),
         "/clusters" => json(&shared.clusters()),
-        "/metrics" | "/stats/prometheus" => metrics(shared),
+        "/metrics" | "/stats/prometheus" => metrics(shared, req),
         _ => json(&shared.config().to_json()),
     }
 }
 
-/// The proxy's metrics, read at scrape time.
-fn metrics(shared: &Shared) -> Response<BoxBody> {
-    use prometheus_client::metrics::gauge::Gauge;
-    let mut registry = prometheus_client::registry::Registry::default();
-    if let Some(credentials) = shared.credentials() {
-        let expiry = credentials
-            .not_after()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        let gauge = Gauge::<i64>::default();
-        gauge.set(expiry);
-        registry.register(
-            "mesh_identity_cert_expiration_timestamp_seconds",
-            "When this workload's certificate expires, in seconds since the Unix epoch",
-            gauge,
-        );
-    }
-    register_outlier_metrics(shared, &mut registry);
-    let mut out = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
-        return text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("cannot render metrics: {e}\n"),
-        );
-    }
-    let mut r = Response::new(body::full(out));
+/// `/metrics`: the telemetry registry (Istio's metrics, process metrics and the proxy's
+/// own, below), as Prometheus text or OpenMetrics by the scraper's `Accept`.
+fn metrics(shared: &Shared, req: &Request<BoxBody>) -> Response<BoxBody> {
+    let format = Format::from_accept(req.headers().get(header::ACCEPT));
+    let mut r = Response::new(body::full(shared.telemetry().metrics.encode(format)));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static(
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
+        header::HeaderValue::from_static(format.content_type()),
     );
     r
 }
 
-/// Outlier detection as Envoy counts it: ejections made so far, and the endpoints of each
-/// balanced set ejected now (read from the same snapshot as `/clusters`).
-fn register_outlier_metrics(shared: &Shared, registry: &mut prometheus_client::registry::Registry) {
-    use mesh_routing::balance::Health;
-    use prometheus_client::metrics::counter::ConstCounter;
-    use prometheus_client::metrics::family::Family;
-    use prometheus_client::metrics::gauge::Gauge;
+/// Registers the proxy's own metrics, read from its state at scrape time.
+pub fn register_proxy_metrics(shared: &Arc<Shared>) {
+    shared
+        .telemetry()
+        .metrics
+        .register_collector(Box::new(ProxyCollector {
+            // Weak: the registry lives inside `Shared`.
+            shared: Arc::downgrade(shared),
+        }));
+}
 
-    registry.register(
-        "mesh_outlier_ejections",
-        "Endpoints ejected by outlier detection since the proxy started",
-        ConstCounter::new(shared.health().ejections_total()),
-    );
-    let ejected = Family::<Vec<(&'static str, String)>, Gauge>::default();
-    for cluster in shared.clusters() {
-        let now = cluster
-            .endpoints
-            .iter()
-            .filter(|e| e.health == Health::Ejected)
-            .count();
-        ejected
-            .get_or_create(&vec![("cluster", cluster.name.clone())])
-            .set(i64::try_from(now).unwrap_or(i64::MAX));
+/// The workload certificate's expiry, and outlier detection as Envoy counts it: ejections
+/// made so far, and the endpoints of each balanced set ejected now (from the same snapshot
+/// as `/clusters`).
+#[derive(Debug)]
+struct ProxyCollector {
+    shared: std::sync::Weak<Shared>,
+}
+
+impl Collector for ProxyCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(shared) = self.shared.upgrade() else {
+            return Ok(());
+        };
+        if let Some(credentials) = shared.credentials() {
+            let expiry = credentials
+                .not_after()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            let gauge = Gauge::<i64>::default();
+            gauge.set(expiry);
+            put(
+                &mut encoder,
+                "mesh_identity_cert_expiration_timestamp_seconds",
+                "When this workload's certificate expires, in seconds since the Unix epoch",
+                &gauge,
+            )?;
+        }
+        put(
+            &mut encoder,
+            "mesh_outlier_ejections",
+            "Endpoints ejected by outlier detection since the proxy started",
+            &ConstCounter::new(shared.health().ejections_total()),
+        )?;
+        let ejected = Family::<Vec<(&'static str, String)>, Gauge>::default();
+        for cluster in shared.clusters() {
+            let now = cluster
+                .endpoints
+                .iter()
+                .filter(|e| e.health == Health::Ejected)
+                .count();
+            ejected
+                .get_or_create(&vec![("cluster", cluster.name.clone())])
+                .set(i64::try_from(now).unwrap_or(i64::MAX));
+        }
+        put(
+            &mut encoder,
+            "mesh_outlier_ejected_endpoints",
+            "Endpoints of each balanced set (host:port/subset) ejected by outlier detection now",
+            &ejected,
+        )
     }
-    registry.register(
-        "mesh_outlier_ejected_endpoints",
-        "Endpoints of each balanced set (host:port/subset) ejected by outlier detection now",
-        ejected,
-    );
+}
+
+fn put(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: &impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
 fn json(value: &impl serde::Serialize) -> Response<BoxBody> {

@@ -25,6 +25,7 @@ use mesh_tls::authz::{AuthorizationPolicies, AuthzLayer};
 use crate::headers::ProxyHeadersLayer;
 use crate::local_reply::LocalReplyLayer;
 use crate::server::HttpService;
+use crate::telemetry::Telemetry;
 use crate::upstream::{Upstream, UpstreamTarget};
 use crate::xfcc::ForwardClientCertLayer;
 
@@ -38,12 +39,11 @@ pub fn stack(
     rate_limit: Option<&RateLimitSettings>,
     authz: &Arc<ArcSwap<AuthorizationPolicies>>,
     own: Option<Identity>,
+    telemetry: &Telemetry,
     upstream: Upstream,
 ) -> HttpService {
-    BoxCloneSyncService::new(
+    let app_side = BoxCloneSyncService::new(
         ServiceBuilder::new()
-            .layer(LocalReplyLayer)
-            .layer(ProxyHeadersLayer)
             // Policies name the workload's port (the app's), not the proxy's listener.
             .layer(AuthzLayer::new(authz.clone()).with_destination_port(app.port()))
             // Built once per listener: every connection's service shares the same buckets.
@@ -51,6 +51,12 @@ pub fn stack(
             .layer(ForwardClientCertLayer::new(own))
             .layer(ForwardToAppLayer::new(app, protocol))
             .service(upstream),
+    );
+    BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .layer(LocalReplyLayer)
+            .layer(ProxyHeadersLayer)
+            .service(telemetry.inbound(app_side)),
     )
 }
 

@@ -23,6 +23,7 @@ pub mod outbound;
 pub mod proxy;
 pub mod server;
 pub mod tcp;
+pub mod telemetry;
 pub mod upstream;
 pub mod xfcc;
 

@@ -39,6 +39,7 @@ use tower::util::BoxCloneSyncService;
 use crate::headers::ProxyHeadersLayer;
 use crate::local_reply::LocalReplyLayer;
 use crate::server::HttpService;
+use crate::telemetry::Telemetry;
 use crate::upstream::Upstream;
 
 /// Builds the outbound stack over the proxy's swappable route table, its balancer and its
@@ -48,12 +49,11 @@ pub fn stack(
     balancer: &BalanceLayer,
     budgets: &Arc<RetryBudgets>,
     breakers: &Arc<CircuitBreakers>,
+    telemetry: &Telemetry,
     upstream: Upstream,
 ) -> HttpService {
-    BoxCloneSyncService::new(
+    let routed = BoxCloneSyncService::new(
         ServiceBuilder::new()
-            .layer(LocalReplyLayer)
-            .layer(ProxyHeadersLayer)
             .layer(RouteLayer::new(routes.clone()))
             .layer(RequestTimeoutLayer)
             .layer(RetryLayer::per_cluster(budgets.clone()).with_circuit_breakers(breakers.clone()))
@@ -62,5 +62,11 @@ pub fn stack(
             .layer(PoolLimitsLayer::new(breakers.clone()))
             .layer(RecordEndpointLayer)
             .service(upstream),
+    );
+    BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .layer(LocalReplyLayer)
+            .layer(ProxyHeadersLayer)
+            .service(telemetry.outbound(routed)),
     )
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use mesh_core::config::MeshConfig;
+use mesh_core::config::{Bootstrap, MeshConfig};
 use mesh_core::discovery::{EndpointPublisher, ServiceKey};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -34,6 +34,7 @@ use crate::inbound::{self, AppProtocol};
 use crate::outbound;
 use crate::server;
 use crate::tcp;
+use crate::telemetry::Telemetry;
 use crate::upstream::Upstream;
 
 /// Why a proxy could not start.
@@ -47,6 +48,8 @@ pub enum StartError {
     Unsupported(&'static str),
     #[error("cannot load the Bootstrap identity: {0}")]
     Identity(#[from] mesh_tls::TlsError),
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
     #[error("cannot bind the {listener} listener on {addr}: {source}")]
     Bind {
         listener: &'static str,
@@ -70,6 +73,8 @@ pub struct Shared {
     authz: Arc<ArcSwap<AuthorizationPolicies>>,
     /// This workload's SVID and trust bundle, when the Bootstrap names them.
     credentials: Option<Arc<Credentials>>,
+    /// Metrics (and the workload they describe), shared by both stacks and `/metrics`.
+    telemetry: Telemetry,
     ready: AtomicBool,
 }
 
@@ -97,19 +102,35 @@ impl Shared {
         self.credentials.as_ref()
     }
 
-    fn new(config: Arc<MeshConfig>, credentials: Option<Arc<Credentials>>) -> Shared {
+    /// The proxy's telemetry (its metrics registry, for `/metrics`).
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+
+    fn new(
+        config: Arc<MeshConfig>,
+        bootstrap: &Bootstrap,
+        credentials: Option<Arc<Credentials>>,
+    ) -> Result<Shared, StartError> {
         let endpoints = Arc::new(EndpointPublisher::default());
         let (peer_auth, authz) = build_security(&config);
-        Shared {
-            routes: Arc::new(ArcSwap::from_pointee(build_routes(&config))),
+        let config = Arc::new(ArcSwap::new(config));
+        let telemetry = Telemetry::new(
+            bootstrap,
+            credentials.as_ref().map(|c| c.identity()),
+            config.clone(),
+        )?;
+        Ok(Shared {
+            routes: Arc::new(ArcSwap::from_pointee(build_routes(&config.load()))),
             peer_auth: Arc::new(ArcSwap::from_pointee(peer_auth)),
             authz: Arc::new(ArcSwap::from_pointee(authz)),
-            config: Arc::new(ArcSwap::new(config)),
+            config,
             balancer: BalanceLayer::new(endpoints.clone()),
             endpoints,
             credentials,
+            telemetry,
             ready: AtomicBool::new(false),
-        }
+        })
     }
 
     /// Applies `config` to new requests: endpoints first, so that routes never point at a
@@ -182,7 +203,8 @@ impl RunningProxy {
             .map(Credentials::load)
             .transpose()?;
         let own_identity = credentials.as_ref().map(|c| c.identity());
-        let shared = Arc::new(Shared::new(config.clone(), credentials.clone()));
+        let shared = Arc::new(Shared::new(config.clone(), bootstrap, credentials.clone())?);
+        crate::admin::register_proxy_metrics(&shared);
         let (stop_admin, admin_stop_rx) = watch::channel(false);
         let (stop_listeners, stop_rx) = watch::channel(false);
 
@@ -232,6 +254,7 @@ impl RunningProxy {
                 &shared.balancer,
                 &Arc::new(RetryBudgets::default()),
                 &breakers,
+                &shared.telemetry,
                 upstream.clone(),
             ),
             stop_rx.clone(),
@@ -254,6 +277,7 @@ impl RunningProxy {
                     app,
                     tls,
                     authz: shared.authz.clone(),
+                    metrics: shared.telemetry.tcp(),
                 });
                 listeners.push(tokio::spawn(tcp::serve(listener, tcp, stop_rx, drain)));
                 return addr;
@@ -264,6 +288,7 @@ impl RunningProxy {
                 rate_limit.as_ref(),
                 &shared.authz,
                 own_identity.clone(),
+                &shared.telemetry,
                 upstream.clone(),
             );
             listeners.push(tokio::spawn(server::serve_with(
@@ -326,6 +351,8 @@ impl RunningProxy {
         if let Some(watch) = self.cert_watch {
             watch.abort();
         }
+        // Every request has ended: write the access log's last lines, export the last spans.
+        self.shared.telemetry.flush().await;
         tracing::info!("proxy drained");
     }
 }
@@ -422,7 +449,9 @@ mod tests {
             "apiVersion: mesh-proxy/v1\nkind: Bootstrap\nmetadata: { name: t }\nspec:\n  workload: { name: t }\n",
         )])
         .unwrap();
-        let shared = Arc::new(Shared::new(Arc::new(config), None));
+        let config = Arc::new(config);
+        let bootstrap = config.bootstrap().unwrap().clone();
+        let shared = Arc::new(Shared::new(config, &bootstrap, None).unwrap());
         let admin = crate::admin::service(shared.clone());
         let ready = || Request::get("/ready").body(body::empty()).unwrap();
         let resp = admin.clone().oneshot(ready()).await.unwrap();

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use mesh_core::Identity;
+use mesh_telemetry::metrics::{Reporter, SecurityPolicy, TcpConnection, TcpMetrics};
 use mesh_tls::authz::AuthorizationPolicies;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -32,6 +33,8 @@ pub struct InboundTcp {
     pub app: SocketAddr,
     pub tls: Arc<InboundTls>,
     pub authz: Arc<ArcSwap<AuthorizationPolicies>>,
+    /// `istio_tcp_*` with `reporter="destination"`.
+    pub metrics: TcpMetrics,
 }
 
 /// Serves `listener` until `shutdown` turns true, then lets connections finish for at most
@@ -92,6 +95,15 @@ async fn connection(
     if !allowed(&inbound, peer.as_ref(), remote, local) {
         return;
     }
+    let mut conn = TcpConnection::new(Reporter::Destination);
+    conn.security = if peer.is_some() {
+        SecurityPolicy::MutualTls
+    } else {
+        SecurityPolicy::None
+    };
+    conn.peer = peer;
+    let mut metrics = inbound.metrics.connection(conn);
+    metrics.opened();
     let app = match tokio::time::timeout(DEFAULT_CONNECT_TIMEOUT, TcpStream::connect(inbound.app))
         .await
     {
@@ -106,10 +118,15 @@ async fn connection(
         }
     };
     let _ = app.set_nodelay(true);
-    match secured {
+    let copied = match secured {
         Secured::Plain(client) => copy(client, app, remote).await,
         Secured::Tls(client, _) => copy(*client, app, remote).await,
+    };
+    if let Some((received, sent)) = copied {
+        metrics.add_received(received);
+        metrics.add_sent(sent);
     }
+    metrics.closed();
 }
 
 /// The TCP authorization decision; the policies name the workload's (app's) port.
@@ -137,12 +154,20 @@ fn allowed(
 
 /// Copies both ways until both sides have closed; a FIN from one side is passed on as a
 /// write shutdown to the other (half-close).
-async fn copy<C>(mut client: C, mut app: TcpStream, remote: SocketAddr)
+/// Copies both ways until both sides closed; the bytes client → app and app → client, when
+/// the copy ended cleanly (tokio's copy does not report counts on error).
+async fn copy<C>(mut client: C, mut app: TcpStream, remote: SocketAddr) -> Option<(u64, u64)>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     match tokio::io::copy_bidirectional(&mut client, &mut app).await {
-        Ok((up, down)) => tracing::trace!(%remote, up, down, "TCP connection closed"),
-        Err(e) => tracing::debug!(%remote, error = %e, "TCP connection ended with an error"),
+        Ok((up, down)) => {
+            tracing::trace!(%remote, up, down, "TCP connection closed");
+            Some((up, down))
+        }
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "TCP connection ended with an error");
+            None
+        }
     }
 }

@@ -36,7 +36,10 @@ async fn default_retries_hide_an_endpoint_failing_one_request_in_ten() {
     )
     .await;
     let ok = counts.get("200 -").copied().unwrap_or(0);
-    assert!(ok * 1000 >= total * 995, "{ok} of {total} succeeded: {counts:?}");
+    assert!(
+        ok * 1000 >= total * 995,
+        "{ok} of {total} succeeded: {counts:?}"
+    );
     // The endpoint did fail one request in ten: about 200 retries reached it.
     let received = app.received.load(Ordering::SeqCst);
     assert!(
