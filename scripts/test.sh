@@ -4,12 +4,48 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The tests need only the Rust toolchain today (the gRPC test service is written against
-# tonic's runtime API, so no protoc). Later issues add their installs here (etcd, wrk, ...).
+# The tests need the Rust toolchain (the gRPC test service is written against tonic's
+# runtime API, so no protoc) and the tools installed below. Later issues add their installs
+# here (etcd, wrk, ...).
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need cargo; then
     echo "cargo is required (rustup toolchain)" >&2
     exit 1
+fi
+
+# Installs Debian packages quietly (CI is a fresh Debian machine, as root); prints apt's
+# output only when it fails.
+apt_install() {
+    if ! need apt-get; then
+        echo "apt-get is unavailable: install $* with this system's package manager" >&2
+        exit 1
+    fi
+    local sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+        if ! need sudo; then
+            echo "installing $* needs root (or sudo)" >&2
+            exit 1
+        fi
+        sudo=(sudo)
+    fi
+    local log
+    log="$(mktemp)"
+    if ! { "${sudo[@]}" apt-get update -qq &&
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq --no-install-recommends "$@"; } >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        echo "apt-get install $* failed" >&2
+        exit 1
+    fi
+    rm -f "$log"
+}
+
+# mesh-proxy/tests/prometheus_e2e.rs runs a real Prometheus server against two sidecars. The
+# test starts its own on a free port; the package's service (port 9090) is not used.
+if ! need prometheus; then
+    echo "== installing prometheus (Debian package)"
+    apt_install prometheus
 fi
 
 echo "== cargo fmt --check"
