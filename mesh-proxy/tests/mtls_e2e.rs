@@ -6,77 +6,17 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use http::StatusCode;
 use hyper_util::rt::TokioIo;
-use mesh_core::config::bootstrap::IdentityFiles;
 use mesh_proxy::RunningProxy;
 use mesh_tls::connector::MtlsConnector;
 use mesh_tls::credentials::Credentials;
 use support::app::App;
+use support::pki::{Pki, files};
 use support::{bootstrap, get, http1_client, start_proxy, text};
-
-const TD: &str = "cluster.local";
-
-/// A CA made by the real binary, and the workload certificates it issues.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-fn run(args: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mesh-proxy {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = dir.path().join("ca");
-        run(&[
-            "ca",
-            "init",
-            "--trust-domain",
-            TD,
-            "--out",
-            ca.to_str().unwrap(),
-        ]);
-        Pki { dir }
-    }
-
-    /// Issues (or re-issues) the certificate of service account `sa` into its directory.
-    fn issue(&self, sa: &str) -> PathBuf {
-        let out = self.dir.path().join(sa);
-        run(&[
-            "ca",
-            "issue",
-            "--ca",
-            self.dir.path().join("ca").to_str().unwrap(),
-            "--spiffe-id",
-            &format!("spiffe://{TD}/ns/default/sa/{sa}"),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        out
-    }
-}
-
-fn files(dir: &Path) -> IdentityFiles {
-    IdentityFiles {
-        cert: dir.join("cert.pem"),
-        key: dir.join("key.pem"),
-        trust_bundle: dir.join("root.pem"),
-    }
-}
 
 /// A Bootstrap for workload `name` (service account `name`) with the identity in `certs`.
 fn sidecar(name: &str, app: Option<SocketAddr>, certs: &Path) -> String {

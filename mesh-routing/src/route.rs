@@ -203,6 +203,19 @@ impl Ctx {
         S: InnerService,
     {
         let route = self.route.clone();
+        // The destination is picked before a fault is sampled, as Envoy picks the route's
+        // cluster before its fault filter runs: an aborted request is still reported against
+        // the service it was routed to (metrics, access log, span).
+        let picked = match &route.action {
+            Action::Forward(forward) => forward.destinations.pick(),
+            _ => None,
+        };
+        if let Some((_, dest)) = picked
+            && let Target::Found(target) = &dest.target
+            && let Some(info) = req.extensions().get::<StreamInfo>()
+        {
+            info.set_route(target);
+        }
         if let Some(reply) = route
             .fault
             .as_ref()
@@ -222,7 +235,7 @@ impl Ctx {
             }
             Action::Forward(forward) => forward,
         };
-        let Some((index, dest)) = forward.destinations.pick() else {
+        let Some((index, dest)) = picked else {
             return Step::Fail(ProxyError::new(
                 ResponseFlags::NO_CLUSTER_FOUND,
                 "no cluster: the route has no destination",

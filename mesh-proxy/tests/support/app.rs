@@ -7,7 +7,8 @@
 //! - anything else: `hello from NAME`.
 //!
 //! Every response says what the app saw: `x-app` (its name), `x-seen-host`,
-//! `x-seen-path`, `x-seen-version`, `x-seen-end-user`, `x-seen-xff`, `x-seen-xfp`, `x-seen-request-id`, `x-seen-connection`, `x-seen-xfcc`.
+//! `x-seen-path`, `x-seen-version`, `x-seen-end-user`, `x-seen-xff`, `x-seen-xfp`, `x-seen-request-id`, `x-seen-connection`, `x-seen-xfcc`,
+//! `x-seen-peer-metadata` (`-` when the header was absent).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -149,6 +150,7 @@ async fn handle(
         ("x-seen-request-id", seen("x-request-id")),
         ("x-seen-connection", seen("connection")),
         ("x-seen-xfcc", seen("x-forwarded-client-cert")),
+        ("x-seen-peer-metadata", seen("x-mesh-peer-metadata")),
     ];
     let mut resp = match req.uri().path() {
         "/echo" => Response::new(body::boxed(req.into_body())),

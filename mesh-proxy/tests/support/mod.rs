@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod grpc;
+pub mod pki;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
