@@ -48,7 +48,8 @@
 //!   `(ejected + 1) / members ≤ maxEjectionPercent`. A set the registry does not know counts
 //!   as nothing ejected. Ejections are serialised by a lock held only for that check.
 
-use std::collections::HashMap;
+// FxHash: looked up on every request, keyed by config (cluster names) and endpoint addresses.
+use rustc_hash::FxHashMap as HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};

@@ -72,7 +72,8 @@
 //!   of retries a second (unset, Linkerd's 10). A cluster with almost no traffic can still
 //!   retry at that rate, which is what both minimums exist for.
 
-use std::collections::HashMap;
+// FxHash: looked up on every request, keyed by config (cluster names) and endpoint addresses.
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 

@@ -76,7 +76,8 @@
 //!   [`DEFAULT_FAIL_FAST`] (Linkerd's 3 s fail-fast bound), then fails `503 UO`, so a stuck
 //!   pool never hangs a caller.
 
-use std::collections::HashMap;
+// FxHash: looked up on every request, keyed by config (cluster names) and endpoint addresses.
+use rustc_hash::FxHashMap as HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};

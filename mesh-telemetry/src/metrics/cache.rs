@@ -27,7 +27,7 @@
 //! answer is the same series: the cache only saves work.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use mesh_core::config::ServicePort;
@@ -93,67 +93,11 @@ pub(crate) struct SeriesHandles {
     pub(crate) messages: Option<(Counter, Counter)>,
 }
 
-/// FxHash (rustc's hasher): a multiply and a rotate per word, several times faster than
-/// SipHash on these keys. Its weakness, no defence against chosen collisions, is bounded
-/// here: the maps it serves hold at most [`SERIES_CACHE_CAPACITY`] and
-/// [`MAX_PEERS`](super::peer::MAX_PEERS) entries, and their keys come from verified peers
-/// and this proxy's own config.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct FxHasher {
-    hash: u64,
-}
-
-impl FxHasher {
-    const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
-
-    fn add(&mut self, word: u64) {
-        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(Self::SEED);
-    }
-}
-
-impl Hasher for FxHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for chunk in &mut chunks {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(chunk);
-            self.add(u64::from_le_bytes(word));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut word = [0u8; 8];
-            word[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(word));
-        }
-    }
-
-    fn write_u8(&mut self, i: u8) {
-        self.add(u64::from(i));
-    }
-
-    fn write_u16(&mut self, i: u16) {
-        self.add(u64::from(i));
-    }
-
-    fn write_u32(&mut self, i: u32) {
-        self.add(u64::from(i));
-    }
-
-    fn write_u64(&mut self, i: u64) {
-        self.add(i);
-    }
-
-    fn write_usize(&mut self, i: usize) {
-        self.add(i as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        // The multiply leaves the low bits weakest; hashbrown indexes by them.
-        self.hash.rotate_left(26)
-    }
-}
-
-pub(crate) type FxBuildHasher = BuildHasherDefault<FxHasher>;
+/// FxHash (rustc's hasher, from `rustc-hash`): several times faster than SipHash on these
+/// keys. Its weakness, no defence against chosen collisions, is bounded here: the maps it
+/// serves hold at most [`SERIES_CACHE_CAPACITY`] and [`MAX_PEERS`](super::peer::MAX_PEERS)
+/// entries, and their keys come from verified peers and this proxy's own config.
+pub(crate) type FxBuildHasher = rustc_hash::FxBuildHasher;
 
 #[derive(Debug, Default)]
 pub(crate) struct SeriesCache {
