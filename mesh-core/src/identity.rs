@@ -100,20 +100,24 @@ impl Identity {
         Identity::parse(&format!("{SCHEME}{trust_domain}/ns/{ns}/sa/{sa}"))
     }
 
+    #[inline]
     pub fn as_str(&self) -> &str {
         &self.uri
     }
 
+    #[inline]
     pub fn trust_domain(&self) -> &str {
         &self.uri[SCHEME.len()..self.path_start]
     }
 
     /// The path, with its leading `/`, or empty.
+    #[inline]
     pub fn path(&self) -> &str {
         &self.uri[self.path_start..]
     }
 
     /// Istio's principal form: the ID without `spiffe://`.
+    #[inline]
     pub fn principal(&self) -> &str {
         &self.uri[SCHEME.len()..]
     }
