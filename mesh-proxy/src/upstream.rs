@@ -46,6 +46,7 @@ use mesh_core::target::{EndpointTls, RouteTarget};
 use mesh_resilience::pool_limits::{
     CircuitBreakers, DEFAULT_FAIL_FAST, Permit, PoolAdmission, PoolLimits,
 };
+use mesh_telemetry::metrics::PEER_METADATA_HEADER;
 use mesh_tls::connector::{MtlsConnector, OriginationTls};
 use tokio::net::TcpStream;
 
@@ -165,7 +166,7 @@ impl Upstream {
             .clone()
     }
 
-    async fn send(self, req: Request<BoxBody>) -> Result<Response<BoxBody>, BoxError> {
+    async fn send(self, mut req: Request<BoxBody>) -> Result<Response<BoxBody>, BoxError> {
         let Some(target) = req.extensions().get::<UpstreamTarget>().cloned() else {
             return Err(ProxyError::new(
                 ResponseFlags::NO_CLUSTER_FOUND,
@@ -189,6 +190,12 @@ impl Upstream {
             _ => None,
         };
         let kind = security_kind(route.as_ref(), &target);
+        if kind != SecurityKind::Mesh {
+            // The workload metadata the metrics layer sends is for a peer sidecar, which only
+            // an mTLS connection proves is there: a plain-text or external server never
+            // learns this workload's name, namespace and version.
+            req.headers_mut().remove(PEER_METADATA_HEADER);
+        }
         let pool = self.pool(&target, admission.as_ref(), kind);
         let limits = Checkout {
             admission,

@@ -964,3 +964,22 @@ async fn requests_are_unaffected_by_an_absent_collector() {
         50
     );
 }
+
+/// The workload metadata header is for a peer sidecar only: a server reached in plain text
+/// (here an app with no sidecar in front) never learns the caller's workload.
+#[tokio::test]
+async fn a_server_without_a_sidecar_never_sees_the_peer_metadata() {
+    let app = App::start("external").await;
+    let proxy = support::client_proxy("external", &[app.addr]).await;
+    let resp = http1_client()
+        .request(get(proxy.outbound_addr().unwrap(), "external", "/"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()
+            .get("x-seen-peer-metadata")
+            .map(|v| v.to_str().unwrap()),
+        Some("-")
+    );
+}
