@@ -29,30 +29,6 @@ fn sidecar(name: &str, app: Option<SocketAddr>, certs: &Path) -> String {
     bootstrap(name, app).replacen("  outbound:", &identity, 1)
 }
 
-/// `reviews` served at `inbound` (a sidecar's inbound listener) by a workload whose sidecar
-/// speaks mesh mTLS (Istio's endpoint label) under service account `sa`.
-fn reviews_entry(inbound: SocketAddr, sa: &str) -> String {
-    format!(
-        "---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{ name: reviews, namespace: default }}
-spec:
-  hosts: [reviews]
-  ports: [{{ number: 9080, name: http, protocol: HTTP }}]
-  resolution: STATIC
-  location: MESH_INTERNAL
-  endpoints:
-  - address: \"{}\"
-    ports: {{ http: {} }}
-    labels: {{ app: reviews, security.istio.io/tlsMode: istio }}
-    serviceAccount: {sa}
-",
-        inbound.ip(),
-        inbound.port()
-    )
-}
-
 const STRICT: &str = "---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -76,7 +52,7 @@ async fn productpage_sidecar(certs: &Path, server: SocketAddr, sa: &str) -> Runn
     start_proxy(&format!(
         "{}{}",
         sidecar("productpage", None, certs),
-        reviews_entry(server, sa)
+        support::reviews_entry(server, Some(sa))
     ))
     .await
 }

@@ -61,32 +61,6 @@ fn sidecar(name: &str, app: Option<SocketAddr>, certs: &Path) -> String {
     bootstrap(name, app).replacen("  outbound:", &identity, 1)
 }
 
-/// `reviews:9080`, served at `endpoint` by an mTLS sidecar running as service account
-/// `reviews`. The server sidecar needs it too: its inbound metrics name the service by
-/// looking the request's authority up in the registry, as every Istio sidecar knows every
-/// service.
-fn reviews_entry(endpoint: SocketAddr) -> String {
-    format!(
-        "---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{ name: reviews, namespace: default }}
-spec:
-  hosts: [reviews]
-  ports: [{{ number: 9080, name: http, protocol: HTTP }}]
-  resolution: STATIC
-  location: MESH_INTERNAL
-  endpoints:
-  - address: \"{}\"
-    ports: {{ http: {} }}
-    labels: {{ app: reviews, security.istio.io/tlsMode: istio }}
-    serviceAccount: reviews
-",
-        endpoint.ip(),
-        endpoint.port()
-    )
-}
-
 const STRICT: &str = "---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -295,7 +269,7 @@ async fn prometheus_scrapes_istio_metrics_from_two_mtls_sidecars() {
         ),
         // Only the service's name and port matter on this side; its own endpoint is not
         // known before it starts.
-        reviews_entry(app.addr)
+        support::reviews_entry(app.addr, Some("reviews"))
     ))
     .await;
     let client_sidecar = start_proxy(&format!(
@@ -305,7 +279,7 @@ async fn prometheus_scrapes_istio_metrics_from_two_mtls_sidecars() {
             None,
             &issue(&ca, certs.path(), "productpage")
         ),
-        reviews_entry(server.inbound_addr().unwrap())
+        support::reviews_entry(server.inbound_addr().unwrap(), Some("reviews"))
     ))
     .await;
     let outbound = client_sidecar.outbound_addr().unwrap();

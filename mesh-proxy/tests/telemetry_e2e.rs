@@ -63,34 +63,6 @@ spec:
     )
 }
 
-/// `reviews:9080` served at `addr`; with `mesh`, by a sidecar speaking mesh mTLS under
-/// service account `reviews` (Istio's endpoint label).
-fn reviews_entry(addr: SocketAddr, mesh: bool) -> String {
-    let mesh = if mesh {
-        ", security.istio.io/tlsMode: istio }\n    serviceAccount: reviews"
-    } else {
-        " }"
-    };
-    format!(
-        "---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{ name: reviews, namespace: default }}
-spec:
-  hosts: [reviews]
-  ports: [{{ number: 9080, name: http, protocol: HTTP }}]
-  resolution: STATIC
-  location: MESH_INTERNAL
-  endpoints:
-  - address: \"{}\"
-    ports: {{ http: {} }}
-    labels: {{ app: reviews{mesh}
-",
-        addr.ip(),
-        addr.port()
-    )
-}
-
 /// `ratings:9080` at an address nobody listens on: a dead endpoint.
 async fn dead_ratings_entry() -> String {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -157,7 +129,7 @@ impl Mesh {
                 &telemetry.replace("{side}", "server"),
             ),
             // The server knows its own service, so it can name `destination_service`.
-            reviews_entry(app.addr, false),
+            support::reviews_entry(app.addr, None),
         ))
         .await;
         let client = start_proxy(&format!(
@@ -169,7 +141,7 @@ impl Mesh {
                 None,
                 &telemetry.replace("{side}", "client"),
             ),
-            reviews_entry(server.inbound_addr().unwrap(), true),
+            support::reviews_entry(server.inbound_addr().unwrap(), Some("reviews")),
         ))
         .await;
         Mesh {

@@ -49,6 +49,37 @@ pub fn service_entry(host: &str, port: u16, protocol: &str, endpoints: &[SocketA
     service_entry_with(host, port, protocol, &labeled)
 }
 
+/// `reviews:9080` (an HTTP port named `http`, location MESH_INTERNAL) with one endpoint at
+/// `addr` labelled `app: reviews`; with `sa`, the endpoint is a mesh workload speaking mTLS
+/// (Istio's `security.istio.io/tlsMode: istio` label) under service account `sa`, so the
+/// caller's sidecar originates mTLS and expects that identity.
+pub fn reviews_entry(addr: SocketAddr, sa: Option<&str>) -> String {
+    let labels = match sa {
+        Some(sa) => format!(
+            "{{ app: reviews, security.istio.io/tlsMode: istio }}\n    serviceAccount: {sa}"
+        ),
+        None => "{ app: reviews }".to_owned(),
+    };
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: reviews, namespace: default }}
+spec:
+  hosts: [reviews]
+  ports: [{{ number: 9080, name: http, protocol: HTTP }}]
+  resolution: STATIC
+  location: MESH_INTERNAL
+  endpoints:
+  - address: \"{}\"
+    ports: {{ http: {} }}
+    labels: {labels}
+",
+        addr.ip(),
+        addr.port()
+    )
+}
+
 /// A STATIC ServiceEntry whose endpoints carry `app: HOST, version: VERSION` labels, for
 /// DestinationRule subsets.
 pub fn service_entry_labeled(host: &str, port: u16, endpoints: &[(SocketAddr, &str)]) -> String {
