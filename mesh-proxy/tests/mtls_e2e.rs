@@ -15,27 +15,8 @@ use mesh_proxy::RunningProxy;
 use mesh_tls::connector::MtlsConnector;
 use mesh_tls::credentials::Credentials;
 use support::app::App;
-use support::pki::{Pki, files};
+use support::pki::{Pki, STRICT, files, sidecar};
 use support::{bootstrap, get, http1_client, start_proxy, text};
-
-/// A Bootstrap for workload `name` (service account `name`) with the identity in `certs`.
-fn sidecar(name: &str, app: Option<SocketAddr>, certs: &Path) -> String {
-    let identity = format!(
-        "  identity: {{ cert: \"{}\", key: \"{}\", trustBundle: \"{}\" }}\n  outbound:",
-        certs.join("cert.pem").display(),
-        certs.join("key.pem").display(),
-        certs.join("root.pem").display()
-    );
-    bootstrap(name, app).replacen("  outbound:", &identity, 1)
-}
-
-const STRICT: &str = "---
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: { name: default, namespace: default }
-spec:
-  mtls: { mode: STRICT }
-";
 
 /// The server side: the `reviews` app behind its sidecar, with `extra` config.
 async fn reviews_sidecar(pki: &Pki, app: &App, extra: &str) -> RunningProxy {

@@ -18,7 +18,8 @@ use mesh_core::Identity;
 use mesh_tls::ca::{CertificateAuthority, DEFAULT_TTL};
 use serde_json::Value;
 use support::app::App;
-use support::{Client, bootstrap, get, http1_client, start_proxy, text};
+use support::pki::{STRICT, sidecar};
+use support::{Client, get, http1_client, start_proxy, text};
 
 const REVIEWS_FQDN: &str = "reviews.default.svc.cluster.local";
 
@@ -49,25 +50,6 @@ fn issue(ca: &CertificateAuthority, dir: &Path, sa: &str) -> PathBuf {
     ca.issue(&id, DEFAULT_TTL).unwrap().save(&out).unwrap();
     out
 }
-
-/// A Bootstrap for workload `name` with the identity in `certs`.
-fn sidecar(name: &str, app: Option<SocketAddr>, certs: &Path) -> String {
-    let identity = format!(
-        "  identity: {{ cert: \"{}\", key: \"{}\", trustBundle: \"{}\" }}\n  outbound:",
-        certs.join("cert.pem").display(),
-        certs.join("key.pem").display(),
-        certs.join("root.pem").display()
-    );
-    bootstrap(name, app).replacen("  outbound:", &identity, 1)
-}
-
-const STRICT: &str = "---
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: { name: default, namespace: default }
-spec:
-  mtls: { mode: STRICT }
-";
 
 /// A Prometheus server of our own (not the Debian package's service, which may hold 9090),
 /// killed when dropped so a failing test leaves no process behind.

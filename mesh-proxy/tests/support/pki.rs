@@ -1,10 +1,13 @@
 //! A mesh CA made by the real `mesh-proxy ca` binary, and the workload certificates it
 //! issues: what a sidecar's Bootstrap `identity` points at in the mTLS end-to-end tests.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use mesh_core::config::bootstrap::IdentityFiles;
+
+use super::bootstrap;
 
 /// The trust domain every [`Pki`] issues under.
 pub const TD: &str = "cluster.local";
@@ -68,3 +71,23 @@ pub fn files(dir: &Path) -> IdentityFiles {
         trust_bundle: dir.join("root.pem"),
     }
 }
+
+/// A Bootstrap for workload `name` (service account `name`) with the identity in `certs`.
+pub fn sidecar(name: &str, app: Option<SocketAddr>, certs: &Path) -> String {
+    let identity = format!(
+        "  identity: {{ cert: \"{}\", key: \"{}\", trustBundle: \"{}\" }}\n  outbound:",
+        certs.join("cert.pem").display(),
+        certs.join("key.pem").display(),
+        certs.join("root.pem").display()
+    );
+    bootstrap(name, app).replacen("  outbound:", &identity, 1)
+}
+
+/// A mesh-wide STRICT PeerAuthentication for the `default` namespace.
+pub const STRICT: &str = "---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: { name: default, namespace: default }
+spec:
+  mtls: { mode: STRICT }
+";

@@ -233,34 +233,16 @@ pub(crate) fn http_labels(
     service: &ServiceLabels,
     outcome: &Outcome,
 ) -> HttpLabels {
-    let (s, d) = (source, destination);
-    HttpLabels([
-        Arc::from(reporter.as_str()),
-        s.workload.clone(),
-        s.canonical_service.clone(),
-        s.canonical_revision.clone(),
-        s.namespace.clone(),
-        s.principal.clone(),
-        s.app.clone(),
-        s.version.clone(),
-        s.cluster.clone(),
-        d.workload.clone(),
-        d.namespace.clone(),
-        d.principal.clone(),
-        d.app.clone(),
-        d.version.clone(),
-        service.service.clone(),
-        d.canonical_service.clone(),
-        d.canonical_revision.clone(),
-        service.name.clone(),
-        service.namespace.clone(),
-        d.cluster.clone(),
-        Arc::from(outcome.protocol),
-        outcome.response_code.clone(),
-        outcome.grpc_status.clone(),
-        outcome.flags.clone(),
-        Arc::from(outcome.security.as_str()),
-    ])
+    HttpLabels(with_tail(
+        shared_labels(reporter, source, destination, service),
+        [
+            Arc::from(outcome.protocol),
+            outcome.response_code.clone(),
+            outcome.grpc_status.clone(),
+            outcome.flags.clone(),
+            Arc::from(outcome.security.as_str()),
+        ],
+    ))
 }
 
 pub(crate) fn tcp_labels(
@@ -271,8 +253,21 @@ pub(crate) fn tcp_labels(
     flags: Arc<str>,
     security: SecurityPolicy,
 ) -> TcpLabels {
-    let (s, d) = (source, destination);
-    TcpLabels([
+    TcpLabels(with_tail(
+        shared_labels(reporter, source, destination, service),
+        [Arc::from("tcp"), flags, Arc::from(security.as_str())],
+    ))
+}
+
+/// The first 20 values, in Istio's order, that the HTTP and TCP label sets share: reporter,
+/// source workload, destination workload and service.
+fn shared_labels(
+    reporter: Reporter,
+    s: &WorkloadLabels,
+    d: &WorkloadLabels,
+    service: &ServiceLabels,
+) -> [Arc<str>; 20] {
+    [
         Arc::from(reporter.as_str()),
         s.workload.clone(),
         s.canonical_service.clone(),
@@ -293,10 +288,18 @@ pub(crate) fn tcp_labels(
         service.name.clone(),
         service.namespace.clone(),
         d.cluster.clone(),
-        Arc::from("tcp"),
-        flags,
-        Arc::from(security.as_str()),
-    ])
+    ]
+}
+
+/// `head` then `tail`, as one array of `N` (= 20 + `T`; checked by the callers' types).
+fn with_tail<const T: usize, const N: usize>(
+    head: [Arc<str>; 20],
+    tail: [Arc<str>; T],
+) -> [Arc<str>; N] {
+    const { assert!(N == 20 + T) };
+    let mut values = head.into_iter().chain(tail);
+    // The const assertion makes the iterator exactly N long; the fallback is never taken.
+    std::array::from_fn(|_| values.next().unwrap_or_else(|| Arc::from(UNKNOWN)))
 }
 
 #[cfg(test)]
