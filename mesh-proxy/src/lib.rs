@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod cli;
 pub mod headers;
 pub mod inbound;
 pub mod local_reply;

@@ -1,0 +1,158 @@
+//! `mesh-proxy`'s command line, as a library function so other programs can be the sidecar:
+//! the Bookinfo launcher runs each sidecar as a child process of itself through [`main`].
+//!
+//! ```no_run
+//! // `mesh-proxy validate --config mesh.yaml`, in-process:
+//! let code = mesh_proxy::cli::main(["mesh-proxy", "validate", "--config", "mesh.yaml"]);
+//! # let _ = code;
+//! ```
+
+mod ca;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::RunningProxy;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mesh-proxy",
+    version,
+    about = "A service mesh sidecar that speaks Istio's configuration"
+)]
+struct Cli {
+    /// Log line format on stderr (level from RUST_LOG, default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the sidecar.
+    Run {
+        /// Config file (multi-document YAML); repeat for several.
+        #[arg(long = "config", short = 'c', required = true)]
+        config: Vec<PathBuf>,
+    },
+    /// Check config files; exits non-zero and names every error.
+    Validate {
+        #[arg(long = "config", short = 'c', required = true)]
+        config: Vec<PathBuf>,
+    },
+    /// A small CA for the mesh: create a root, issue workload certificates.
+    Ca {
+        #[command(subcommand)]
+        command: ca::CaCommand,
+    },
+}
+
+/// Runs the command line `args` (the first item is the program name, as in `std::env::args_os`)
+/// to completion: parses it (printing help or the usage error and exiting the process as clap
+/// does), sets up logging and runs the command.
+pub fn main<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Validate { config } => validate(&config),
+        Command::Run { config } => run(&config),
+        Command::Ca { command } => ca::run(command),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => drop(builder.try_init()),
+        LogFormat::Json => drop(builder.json().try_init()),
+    }
+}
+
+fn validate(paths: &[PathBuf]) -> ExitCode {
+    match mesh_core::config::load_files(paths) {
+        Ok(config) => {
+            println!("{} resources valid", config.resource_count());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(paths: &[PathBuf]) -> ExitCode {
+    let config = match mesh_core::config::load_files(paths) {
+        Ok(config) => Arc::new(config),
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Istio's ProxyConfig.concurrency: worker threads; 2 when unset, as Istio's sidecar.
+    let workers = config
+        .bootstrap()
+        .and_then(|b| b.spec.concurrency)
+        .map_or(2, |n| n.max(1) as usize);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let proxy = match RunningProxy::start(config).await {
+            Ok(proxy) => proxy,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        wait_for_signal().await;
+        tracing::info!("draining");
+        proxy.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the proxy");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
