@@ -13,7 +13,17 @@
 //!   `mesh_outlier_ejected_endpoints{cluster}`. Prometheus text 0.0.4, or OpenMetrics when
 //!   the scraper's `Accept` asks for it.
 //!
-//! Reads are GET (or HEAD); anything else answers 405, as Envoy refuses mutations by GET.
+//! - `POST /drain`: `/ready` turns 503 at once, then the proxy drains as on SIGTERM (stops
+//!   accepting, lets in-flight requests finish within `terminationDrainDuration`) and the
+//!   binary exits 0. A proxy embedded as a library drains when its owner awaits
+//!   `RunningProxy::drain_requested`.
+//! - `POST /logging?level=LEVEL`: every logger's level, by Envoy's names (`trace`, `debug`,
+//!   `info`, `warning`, `error`, `critical`, `off`) or a `RUST_LOG` directive.
+//! - The proxy's reloads show as `mesh_config_reloads_total{result="success"|"rejected"}` and
+//!   `mesh_config_last_reload_successful`.
+//!
+//! Reads are GET (or HEAD) and mutations POST; the wrong method answers 405, as Envoy refuses
+//! mutations by GET.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -43,15 +53,22 @@ pub fn service(shared: Arc<Shared>) -> HttpService {
 
 fn handle(shared: &Shared, req: &Request<BoxBody>) -> Response<BoxBody> {
     let path = req.uri().path();
-    let known = matches!(
+    let read = matches!(
         path,
         "/ready" | "/live" | "/config_dump" | "/clusters" | "/metrics" | "/stats/prometheus"
     );
-    if !known {
+    let mutation = matches!(path, "/drain" | "/logging");
+    if !read && !mutation {
         return text(
             StatusCode::NOT_FOUND,
-            "unknown admin path; try /ready, /live, /config_dump, /clusters, /metrics\n",
+            "unknown admin path; try /ready, /live, /config_dump, /clusters, /metrics, POST /drain, POST /logging?level=\n",
         );
+    }
+    if mutation {
+        if req.method() != Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+        }
+        return mutate(shared, req);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
@@ -63,6 +80,32 @@ fn handle(shared: &Shared, req: &Request<BoxBody>) -> Response<BoxBody> {
         "/clusters" => json(&shared.clusters()),
         "/metrics" | "/stats/prometheus" => metrics(shared, req),
         _ => json(&shared.config().to_json()),
+    }
+}
+
+/// `POST /drain` and `POST /logging?level=`.
+fn mutate(shared: &Shared, req: &Request<BoxBody>) -> Response<BoxBody> {
+    if req.uri().path() == "/drain" {
+        shared.request_drain();
+        return text(StatusCode::OK, "draining\n");
+    }
+    let level = req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|pair| pair.strip_prefix("level="))
+            .map(str::to_owned)
+    });
+    let Some(level) = level else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "missing ?level= (trace, debug, info, warning, error, critical, off)\n",
+        );
+    };
+    match crate::logging::set_level(&level) {
+        Ok(()) => text(StatusCode::OK, &format!("log level: {level}\n")),
+        Err(e @ crate::logging::LogLevelError::Invalid { .. }) => {
+            text(StatusCode::BAD_REQUEST, &format!("{e}\n"))
+        }
+        Err(e) => text(StatusCode::NOT_IMPLEMENTED, &format!("{e}\n")),
     }
 }
 

@@ -76,17 +76,10 @@ where
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => drop(builder.try_init()),
-        LogFormat::Json => drop(builder.json().try_init()),
-    }
+    crate::logging::init(match format {
+        LogFormat::Text => crate::logging::LogFormat::Text,
+        LogFormat::Json => crate::logging::LogFormat::Json,
+    });
 }
 
 fn validate(paths: &[PathBuf]) -> ExitCode {
@@ -134,25 +127,55 @@ fn run(paths: &[PathBuf]) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        wait_for_signal().await;
-        tracing::info!("draining");
+        // Hot reload: file changes (watched by directory) and SIGHUP. Without a watch the
+        // proxy still runs, on the config it started with.
+        let watch = match proxy.watch_config(paths.to_vec()) {
+            Ok(watch) => Some(watch),
+            Err(e) => {
+                tracing::error!("{e}; config changes need a restart");
+                None
+            }
+        };
+        let why = until_drain(&proxy, watch.as_ref()).await;
+        tracing::info!("draining ({why})");
+        drop(watch);
         proxy.shutdown().await;
         ExitCode::SUCCESS
     })
 }
 
-async fn wait_for_signal() {
+/// Waits for what ends the proxy — SIGTERM, Ctrl-C or admin `POST /drain` — reloading the
+/// config on each SIGHUP meanwhile. Says which one it was.
+async fn until_drain(
+    proxy: &RunningProxy,
+    watch: Option<&crate::reload::ConfigWatch>,
+) -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the proxy");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| tracing::warn!(error = %e, "cannot watch SIGTERM"))
+        .ok();
+    let mut hup = signal(SignalKind::hangup())
+        .map_err(|e| tracing::warn!(error = %e, "cannot watch SIGHUP; file changes still reload"))
+        .ok();
+    loop {
+        tokio::select! {
+            Some(()) = recv(&mut term) => return "SIGTERM",
+            _ = tokio::signal::ctrl_c() => return "interrupt",
+            () = proxy.drain_requested() => return "POST /drain",
+            Some(()) = recv(&mut hup) => {
+                tracing::info!("SIGHUP: reloading the config");
+                if let Some(watch) = watch {
+                    watch.reload_now();
+                }
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// The next signal, or never when the signal cannot be watched.
+async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
     }
 }

@@ -75,6 +75,10 @@ pub struct Shared {
     credentials: Option<Arc<Credentials>>,
     /// Metrics (and the workload they describe), shared by both stacks and `/metrics`.
     telemetry: Telemetry,
+    /// `mesh_config_reloads_total{result}`, counted by the config watch.
+    reload_metrics: crate::reload::ReloadMetrics,
+    /// Notified by admin `POST /drain`; the binary then drains as on SIGTERM.
+    drain_requested: tokio::sync::Notify,
     ready: AtomicBool,
 }
 
@@ -107,6 +111,17 @@ impl Shared {
         &self.telemetry
     }
 
+    pub(crate) fn reload_metrics(&self) -> &crate::reload::ReloadMetrics {
+        &self.reload_metrics
+    }
+
+    /// Asks whoever runs the proxy to drain it (admin `POST /drain`): `/ready` turns 503 at
+    /// once, so an orchestrator stops sending traffic before the listeners close.
+    pub fn request_drain(&self) {
+        self.ready.store(false, Ordering::Release);
+        self.drain_requested.notify_one();
+    }
+
     fn new(
         config: Arc<MeshConfig>,
         bootstrap: &Bootstrap,
@@ -128,6 +143,8 @@ impl Shared {
             balancer: BalanceLayer::new(endpoints.clone()),
             endpoints,
             credentials,
+            reload_metrics: crate::reload::ReloadMetrics::register(&telemetry.metrics),
+            drain_requested: tokio::sync::Notify::new(),
             telemetry,
             ready: AtomicBool::new(false),
         })
@@ -136,7 +153,7 @@ impl Shared {
     /// Applies `config` to new requests: endpoints first, so that routes never point at a
     /// service whose endpoints are not published yet. Security policies apply to the next
     /// connection (PeerAuthentication) and the next request (AuthorizationPolicy).
-    fn apply(&self, config: Arc<MeshConfig>) {
+    pub(crate) fn apply(&self, config: Arc<MeshConfig>) {
         self.publish_endpoints(&config);
         self.routes.store(Arc::new(build_routes(&config)));
         let (peer_auth, authz) = build_security(&config);
@@ -329,6 +346,16 @@ impl RunningProxy {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Resolves when admin `POST /drain` asks for a drain; the caller then calls
+    /// [`RunningProxy::shutdown`] (the binary does, and exits 0).
+    pub async fn drain_requested(&self) {
+        self.shared.drain_requested.notified().await;
     }
 
     /// Applies a new configuration to new requests; requests in flight finish on the old one.

@@ -1,4 +1,5 @@
-//! The `mesh-proxy` binary: `validate`, and `run` with a graceful SIGTERM.
+//! The `mesh-proxy` binary: `validate`, and `run` with a graceful SIGTERM, SIGHUP reloads,
+//! and admin `POST /logging` and `POST /drain`.
 
 #![allow(clippy::unwrap_used)] // a test that cannot set up should fail loudly
 
@@ -82,8 +83,16 @@ spec:
     assert!(err.contains("line 15"), "{err}");
 }
 
-/// Starts the binary and reads its admin and outbound addresses from the "proxy ready" log.
+/// Starts the binary and reads its outbound address from the "proxy ready" log.
 fn spawn_proxy(config: &std::path::Path) -> (std::process::Child, SocketAddr) {
+    let (child, outbound, _) = spawn_proxy_with_admin(config);
+    (child, outbound)
+}
+
+/// Starts the binary and reads its outbound and admin addresses from the "proxy ready" log.
+fn spawn_proxy_with_admin(
+    config: &std::path::Path,
+) -> (std::process::Child, SocketAddr, SocketAddr) {
     let mut child = Command::new(BIN)
         .args(["run", "--config"])
         .arg(config)
@@ -112,7 +121,7 @@ fn spawn_proxy(config: &std::path::Path) -> (std::process::Child, SocketAddr) {
             .unwrap()
     };
     let outbound = field("outbound");
-    (child, outbound)
+    (child, outbound, field("admin"))
 }
 
 #[tokio::test]
@@ -161,4 +170,63 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_zero() {
         .unwrap()
         .unwrap();
     assert_eq!(status.code(), Some(0), "exit status after drain");
+}
+
+async fn admin_call(admin: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{admin}{path}"))
+        .body(mesh_core::body::empty())
+        .unwrap();
+    let resp = http1_client().request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    (status, text(resp).await)
+}
+
+#[tokio::test]
+async fn sighup_reloads_post_logging_sets_the_level_and_post_drain_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(&dir, "mesh.yaml", &bootstrap("client", None));
+    let (mut child, _, admin) = spawn_proxy_with_admin(&config);
+    let reloads = |metrics: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("mesh_config_reloads_total{result=\"success\"} "))
+            .map(str::to_owned)
+    };
+    let (_, metrics) = admin_call(admin, "GET", "/metrics").await;
+    assert_eq!(reloads(&metrics).as_deref(), Some("0"), "{metrics}");
+
+    // SIGHUP reloads even though no file changed.
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let started = Instant::now();
+    loop {
+        let (_, metrics) = admin_call(admin, "GET", "/metrics").await;
+        if reloads(&metrics).as_deref() == Some("1") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no reload after SIGHUP:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let (status, body) = admin_call(admin, "POST", "/logging?level=debug").await;
+    assert_eq!((status, body.as_str()), (200, "log level: debug\n"));
+    let (status, body) = admin_call(admin, "POST", "/logging?level=x=loud").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("invalid level \"x=loud\""), "{body}");
+
+    let (status, _) = admin_call(admin, "POST", "/drain").await;
+    assert_eq!(status, 200);
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "exit status after POST /drain");
 }
