@@ -48,6 +48,20 @@ if ! need prometheus; then
     apt_install prometheus
 fi
 
+# mesh-proxy/tests/capture_e2e.rs tests transparent capture for real: in a network namespace
+# it creates (unshare, ip: util-linux and iproute2), `mesh-proxy iptables install` writes NAT
+# rules with iptables, the proxy runs as UID 1337 (setpriv), and python3's http.server plays
+# a host outside the mesh. Needs root, as CI runs.
+missing=()
+need iptables || missing+=(iptables)
+need ip || missing+=(iproute2)
+{ need unshare && need setpriv; } || missing+=(util-linux)
+need python3 || missing+=(python3)
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "== installing ${missing[*]} (Debian packages)"
+    apt_install "${missing[@]}"
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all --check
 

@@ -2,4 +2,6 @@
 //! them. This library holds what they share.
 #![forbid(unsafe_code)]
 
+pub mod custom_proxy;
+pub mod embed;
 pub mod hello;

@@ -16,3 +16,9 @@ pub struct ClientInfo {
     /// Whether the connection was TLS (it is not, until mesh-tls lands on the inbound side).
     pub tls: bool,
 }
+
+/// Where a transparently captured connection was going before the kernel redirected it to
+/// the proxy (`SO_ORIGINAL_DST` after an iptables `REDIRECT`). Present only on connections
+/// that were redirected: a client that dialled the proxy's own port has none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginalDestination(pub SocketAddr);

@@ -8,6 +8,7 @@
 //! ```
 
 mod ca;
+mod iptables;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -56,6 +57,12 @@ enum Command {
         #[command(subcommand)]
         command: ca::CaCommand,
     },
+    /// Transparent capture: write or remove the iptables rules that redirect the workload's
+    /// TCP to the sidecar (Istio's istio-init).
+    Iptables {
+        #[command(subcommand)]
+        command: iptables::IptablesCommand,
+    },
 }
 
 /// Runs the command line `args` (the first item is the program name, as in `std::env::args_os`)
@@ -72,6 +79,7 @@ where
         Command::Validate { config } => validate(&config),
         Command::Run { config } => run(&config),
         Command::Ca { command } => ca::run(command),
+        Command::Iptables { command } => iptables::run(command),
     }
 }
 

@@ -9,6 +9,12 @@
 //!
 //! `TE: trailers` survives because gRPC requires it end to end.
 //!
+//! Upgrades are the exception Envoy makes: an HTTP/1.1 request asking to switch protocols
+//! (`Connection: upgrade` and an `Upgrade` other than `h2c`; see [`crate::upgrade`]) keeps
+//! `Upgrade` and `Connection: upgrade` (the other headers `Connection` names still go), and so
+//! does a `101 Switching Protocols` response, so the upgrade reaches the endpoint and its
+//! acceptance reaches the client. `Upgrade: h2c` is stripped like any hop-by-hop header.
+//!
 //! ```
 //! use mesh_proxy::headers::ProxyHeadersLayer;
 //! use tower::{Layer, ServiceExt, service_fn};
@@ -74,8 +80,15 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let client = req.extensions().get::<ClientInfo>().cloned();
+        let upgrade = crate::upgrade::is_upgrade_request(&req)
+            .then(|| req.headers().get(header::UPGRADE).cloned())
+            .flatten();
         let headers = req.headers_mut();
         remove_hop_by_hop(headers, true);
+        if let Some(protocol) = upgrade {
+            headers.insert(header::UPGRADE, protocol);
+            headers.insert(header::CONNECTION, crate::upgrade::CONNECTION_UPGRADE);
+        }
         if let Some(client) = &client {
             append_forwarded_for(headers, client.remote.ip());
         }
@@ -112,7 +125,15 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut response = std::task::ready!(self.project().inner.poll(cx))?;
-        remove_hop_by_hop(response.headers_mut(), false);
+        let upgrade = (response.status() == http::StatusCode::SWITCHING_PROTOCOLS)
+            .then(|| response.headers().get(header::UPGRADE).cloned())
+            .flatten();
+        let headers = response.headers_mut();
+        remove_hop_by_hop(headers, false);
+        if let Some(protocol) = upgrade {
+            headers.insert(header::UPGRADE, protocol);
+            headers.insert(header::CONNECTION, crate::upgrade::CONNECTION_UPGRADE);
+        }
         Poll::Ready(Ok(response))
     }
 }
@@ -222,6 +243,68 @@ mod tests {
         assert!(resp.headers().get("connection").is_none());
         assert!(resp.headers().get("keep-alive").is_none());
         assert_eq!(resp.headers()["x-app"], "1");
+    }
+
+    #[tokio::test]
+    async fn keeps_the_upgrade_headers_of_an_upgrade_and_its_101() {
+        let svc = ProxyHeadersLayer.layer(service_fn(|req: Request<()>| async move {
+            let h = req.headers();
+            assert_eq!(h["upgrade"], "websocket");
+            assert_eq!(h["connection"], "upgrade");
+            assert!(h.get("keep-alive").is_none());
+            assert!(h.get("x-secret-hop").is_none(), "named by Connection");
+            assert_eq!(h["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+            let resp = Response::builder()
+                .status(101)
+                .header("connection", "Upgrade, keep-alive")
+                .header("keep-alive", "timeout=5")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+                .body(())
+                .unwrap();
+            Ok::<_, std::convert::Infallible>(resp)
+        }));
+        let req = Request::builder()
+            .header("connection", "keep-alive, Upgrade, x-secret-hop")
+            .header("x-secret-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .body(())
+            .unwrap();
+        let resp = svc.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), 101);
+        assert_eq!(resp.headers()["upgrade"], "websocket");
+        assert_eq!(resp.headers()["connection"], "upgrade");
+        assert!(resp.headers().get("keep-alive").is_none());
+        assert_eq!(
+            resp.headers()["sec-websocket-accept"],
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[tokio::test]
+    async fn strips_upgrade_from_an_h2c_request_and_an_ordinary_response() {
+        let svc = ProxyHeadersLayer.layer(service_fn(|req: Request<()>| async move {
+            assert!(req.headers().get("upgrade").is_none());
+            assert!(req.headers().get("connection").is_none());
+            assert!(req.headers().get("http2-settings").is_none());
+            let resp = Response::builder()
+                .header("upgrade", "websocket")
+                .header("connection", "upgrade")
+                .body(())
+                .unwrap();
+            Ok::<_, std::convert::Infallible>(resp)
+        }));
+        let req = Request::builder()
+            .header("connection", "Upgrade, HTTP2-Settings")
+            .header("upgrade", "h2c")
+            .header("http2-settings", "AAMAAABkAAQAAP__")
+            .body(())
+            .unwrap();
+        let resp = svc.oneshot(req).await.unwrap();
+        assert!(resp.headers().get("upgrade").is_none());
+        assert!(resp.headers().get("connection").is_none());
     }
 
     #[tokio::test]

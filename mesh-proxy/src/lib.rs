@@ -16,7 +16,10 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod capture;
 pub mod cli;
+pub mod detect;
+pub mod gateway;
 pub mod headers;
 pub mod inbound;
 pub mod local_reply;
@@ -25,8 +28,11 @@ pub mod outbound;
 pub mod proxy;
 pub mod reload;
 pub mod server;
+pub mod sidecar_listeners;
 pub mod tcp;
+pub mod tcp_out;
 pub mod telemetry;
+pub mod upgrade;
 pub mod upstream;
 pub mod xfcc;
 

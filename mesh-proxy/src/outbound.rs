@@ -1,9 +1,13 @@
 //! The outbound stack: the local app calls another service through this proxy.
 //!
 //! ```text
-//! LocalReply → ProxyHeaders → Route → RequestTimeout → Retry → Balance → OutlierDetection
-//!   → PoolLimits → RecordEndpoint → Upstream
+//! LocalReply → ProxyHeaders → [telemetry] → EgressPolicy → Route → RequestTimeout → Retry
+//!   → Balance → OutlierDetection → PoolLimits → RecordEndpoint → Upstream
 //! ```
+//!
+//! [`EgressPolicy`](crate::capture::EgressPolicyLayer) applies the Bootstrap's
+//! `outboundTrafficPolicy` to hosts no virtual host serves: a captured request goes on to its
+//! original destination under `ALLOW_ANY`; under `REGISTRY_ONLY` an unknown host is `502 NR`.
 //!
 //! [`Route`](mesh_routing::RouteLayer) finds the virtual host by the request's authority
 //! (absolute-form URI or HTTP/2 `:authority`, else `Host`; no port means 80), applies the
@@ -36,6 +40,7 @@ use mesh_routing::{RouteLayer, RouteTable};
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
+use crate::capture::EgressPolicyLayer;
 use crate::headers::ProxyHeadersLayer;
 use crate::local_reply::LocalReplyLayer;
 use crate::server::HttpService;
@@ -54,6 +59,7 @@ pub fn stack(
 ) -> HttpService {
     let routed = BoxCloneSyncService::new(
         ServiceBuilder::new()
+            .layer(EgressPolicyLayer::new(routes.clone(), upstream.clone()))
             .layer(RouteLayer::new(routes.clone()))
             .layer(RequestTimeoutLayer)
             .layer(RetryLayer::per_cluster(budgets.clone()).with_circuit_breakers(breakers.clone()))

@@ -56,6 +56,19 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// A Gateway server that cannot be served (certificate files, mode, protocol).
+    #[error(transparent)]
+    Gateway(#[from] Box<crate::gateway::GatewayError>),
+    /// `listener` names the gateways and the address.
+    #[error("cannot bind the listener of {listener}: {source}")]
+    GatewayBind {
+        listener: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// A Sidecar egress/ingress listener that cannot be bound (named with its port).
+    #[error(transparent)]
+    Sidecar(#[from] crate::sidecar_listeners::SidecarError),
 }
 
 /// State shared by the listeners and the admin server.
@@ -178,6 +191,11 @@ pub struct RunningProxy {
     shared: Arc<Shared>,
     outbound: Option<SocketAddr>,
     inbound: Option<SocketAddr>,
+    /// The gateway listeners' addresses, in listener order.
+    gateways: Vec<SocketAddr>,
+    /// The Sidecar resource's egress and ingress listeners' addresses, in its order.
+    sidecar_egress: Vec<SocketAddr>,
+    sidecar_ingress: Vec<SocketAddr>,
     admin: SocketAddr,
     stop_listeners: watch::Sender<bool>,
     stop_admin: watch::Sender<bool>,
@@ -224,6 +242,8 @@ impl RunningProxy {
         crate::admin::register_proxy_metrics(&shared);
         let (stop_admin, admin_stop_rx) = watch::channel(false);
         let (stop_listeners, stop_rx) = watch::channel(false);
+        // The Gateways that select this proxy, certificates read: a bad one fails the start.
+        let gateway_plan = crate::gateway::plan(&config).map_err(Box::new)?;
 
         // Bind everything before serving anything, so a port conflict leaves nothing running.
         let admin_listener = bind("admin", admin_addr).await?;
@@ -238,6 +258,23 @@ impl RunningProxy {
             }
             None => None,
         };
+        let mut gateway_listeners = Vec::with_capacity(gateway_plan.len());
+        for gateway in gateway_plan {
+            let bind_err = |source| StartError::GatewayBind {
+                listener: gateway.name().to_string(),
+                addr: gateway.addr(),
+                source,
+            };
+            let listener = TcpListener::bind(gateway.addr()).await.map_err(bind_err)?;
+            let addr = listener.local_addr().map_err(bind_err)?;
+            gateway_listeners.push((listener, addr, Arc::new(gateway)));
+        }
+        let gateways: Vec<SocketAddr> = gateway_listeners.iter().map(|(_, a, _)| *a).collect();
+        let sidecar_listeners = crate::sidecar_listeners::SidecarListeners::bind(&config).await?;
+        let (sidecar_egress, sidecar_ingress) = (
+            sidecar_listeners.egress_addrs(),
+            sidecar_listeners.ingress_addrs(),
+        );
 
         let admin_task = tokio::spawn(server::serve(
             "admin",
@@ -263,20 +300,79 @@ impl RunningProxy {
             breakers.clone(),
             app,
         ));
-        let mut listeners = vec![tokio::spawn(server::serve(
+        let budgets = Arc::new(RetryBudgets::default());
+        // Transparent capture: redirected connections are detected (HTTP or opaque TCP) and
+        // keep their original destination; direct ones are HTTP as always.
+        // Outbound opaque TCP (Sidecar egress listeners, captured connections): the HTTP path's balancer, health,
+        // breakers and mTLS client.
+        let outbound_tcp = Arc::new(crate::tcp_out::OutboundTcp::new(
+            shared.config.clone(),
+            &shared.balancer,
+            breakers.clone(),
+            credentials.clone().map(MtlsConnector::new),
+            shared.telemetry.tcp(),
+        ));
+        let captured = Arc::new(crate::capture::CapturedTcp::new(
+            shared.config.clone(),
+            outbound_tcp.clone(),
+        ));
+        let mut listeners = vec![tokio::spawn(server::serve_with(
             "outbound",
             out_listener,
             outbound::stack(
                 &shared.routes,
                 &shared.balancer,
-                &Arc::new(RetryBudgets::default()),
+                &budgets,
                 &breakers,
                 &shared.telemetry,
                 upstream.clone(),
             ),
+            server::Transport::Captured(captured),
             stop_rx.clone(),
             drain,
         ))];
+        // Gateway listeners: the outbound stack (routes, retry budgets, breakers shared).
+        for (listener, _, gateway) in gateway_listeners {
+            let stack = outbound::stack(
+                &shared.routes,
+                &shared.balancer,
+                &budgets,
+                &breakers,
+                &shared.telemetry,
+                upstream.clone(),
+            );
+            let current = shared.clone();
+            listeners.push(tokio::spawn(crate::gateway::serve(
+                listener,
+                gateway,
+                stack,
+                Arc::new(move || current.config()),
+                stop_rx.clone(),
+                drain,
+            )));
+        }
+        listeners.extend(sidecar_listeners.serve(
+            &crate::sidecar_listeners::Context {
+                outbound_http: outbound::stack(
+                    &shared.routes,
+                    &shared.balancer,
+                    &budgets,
+                    &breakers,
+                    &shared.telemetry,
+                    upstream.clone(),
+                ),
+                outbound_tcp,
+                credentials: credentials.clone(),
+                own_identity: own_identity.clone(),
+                peer_auth: shared.peer_auth.clone(),
+                authz: shared.authz.clone(),
+                telemetry: &shared.telemetry,
+                rate_limit: rate_limit.as_ref(),
+                upstream: upstream.clone(),
+            },
+            &stop_rx,
+            drain,
+        ));
         let inbound = inbound.map(|(listener, addr, app, protocol)| {
             let tls = Arc::new(server::InboundTls {
                 acceptor: credentials.clone().map(MtlsAcceptor::new),
@@ -326,6 +422,9 @@ impl RunningProxy {
             shared,
             outbound: Some(outbound),
             inbound,
+            gateways,
+            sidecar_egress,
+            sidecar_ingress,
             admin,
             stop_listeners,
             stop_admin,
@@ -342,6 +441,24 @@ impl RunningProxy {
 
     pub fn inbound_addr(&self) -> Option<SocketAddr> {
         self.inbound
+    }
+
+    /// The addresses of the gateway listeners (one per Gateway server `bind` and port), in
+    /// listener order; empty when no Gateway selects this proxy.
+    pub fn gateway_addrs(&self) -> Vec<SocketAddr> {
+        self.gateways.clone()
+    }
+
+    /// The addresses of the Sidecar resource's egress listeners (entries with a `port` and a
+    /// `bind` or `captureMode: NONE`), in `egress` order; empty without one.
+    pub fn egress_addrs(&self) -> Vec<SocketAddr> {
+        self.sidecar_egress.clone()
+    }
+
+    /// The addresses of the Sidecar resource's ingress listeners (entries with a
+    /// `defaultEndpoint`), in `ingress` order; empty without one.
+    pub fn ingress_addrs(&self) -> Vec<SocketAddr> {
+        self.sidecar_ingress.clone()
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -452,9 +569,12 @@ fn build_security(config: &MeshConfig) -> (PeerAuthenticationPolicy, Authorizati
     )
 }
 
-/// Compiles the routes of `config` for this proxy (its namespace and workload labels).
+/// Compiles the routes of `config` for this proxy (its namespace and workload labels, and
+/// the Gateways that select it: their bound VirtualServices, not the `mesh` ones).
 fn build_routes(config: &MeshConfig) -> RouteTable {
-    let table = RouteTable::build(config, &SourceContext::from_config(config));
+    let mut source = SourceContext::from_config(config);
+    source.gateways = crate::gateway::gateway_names(config);
+    let table = RouteTable::build(config, &source);
     for warning in table.warnings() {
         tracing::warn!("{warning}");
     }

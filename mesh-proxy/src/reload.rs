@@ -27,8 +27,8 @@
 //! - Applying swaps the compiled routes, endpoints and policies (`arc_swap`) for new requests;
 //!   requests in flight finish on the config they started with. Listener addresses, identity
 //!   files and telemetry settings in the Bootstrap are fixed at start: a reload that changes
-//!   the Bootstrap applies everything else and warns that the Bootstrap part needs a restart,
-//!   as Envoy's bootstrap does.
+//!   them applies everything else and warns that those need a restart, as Envoy's bootstrap
+//!   does. The Bootstrap's `outboundTrafficPolicy` applies on reload.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -279,7 +279,14 @@ fn bootstrap_check(running: &MeshConfig, new: &MeshConfig) -> Result<(), String>
     let Some(bootstrap) = new.bootstrap() else {
         return Err("the new configuration has no Bootstrap resource".into());
     };
-    let spec = |b: &mesh_core::config::Bootstrap| serde_json::to_value(&b.spec).ok();
+    // `outboundTrafficPolicy` is read with the routes, so it applies on reload like them.
+    let spec = |b: &mesh_core::config::Bootstrap| {
+        let mut v = serde_json::to_value(&b.spec).ok()?;
+        if let Some(m) = v.as_object_mut() {
+            m.remove("outboundTrafficPolicy");
+        }
+        Some(v)
+    };
     if running.bootstrap().and_then(spec) != spec(bootstrap) {
         tracing::warn!(
             "the Bootstrap changed: listeners, identity and telemetry settings apply at the next start; the rest of the change applies now"

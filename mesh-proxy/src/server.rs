@@ -31,7 +31,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use mesh_core::body::{self, BoxBody};
-use mesh_core::conn::ClientInfo;
+use mesh_core::conn::{ClientInfo, OriginalDestination};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::ServiceExt;
@@ -52,6 +52,11 @@ pub enum Transport {
     Plain,
     /// The inbound listener: mTLS as the workload's `PeerAuthentication` says.
     Inbound(Arc<InboundTls>),
+    /// The outbound listener under transparent capture: a connection the kernel redirected
+    /// (it has an original destination) is told HTTP from opaque TCP by its first bytes;
+    /// HTTP requests carry the `OriginalDestination`; opaque TCP goes to `crate::capture`.
+    /// Connections made to the listener itself are plain HTTP, as with [`Transport::Plain`].
+    Captured(Arc<crate::capture::CapturedTcp>),
 }
 
 /// The inbound listener's TLS settings.
@@ -124,6 +129,9 @@ pub async fn serve_with(
                     match &transport {
                         Transport::Plain => {
                             tokio::spawn(conn.serve(stream, None));
+                        }
+                        Transport::Captured(tcp) => {
+                            tokio::spawn(conn.captured(stream, tcp.clone()));
                         }
                         Transport::Inbound(tls) => {
                             tokio::spawn(conn.secure(stream, tls.clone()));
@@ -223,15 +231,38 @@ impl Connection {
         }
     }
 
+    /// A connection on the outbound listener under capture: see [`Transport::Captured`].
+    async fn captured(self, stream: TcpStream, tcp: Arc<crate::capture::CapturedTcp>) {
+        let Some(original) = crate::capture::original_destination(&stream) else {
+            return self.serve(stream, None).await;
+        };
+        match crate::detect::detect(&stream, crate::detect::DETECT_TIMEOUT).await {
+            Ok(crate::detect::Protocol::Http) => {
+                self.serve_http(stream, None, Some(original)).await
+            }
+            Ok(_) => crate::capture::opaque(stream, self.remote, original, &tcp).await,
+            Err(e) => {
+                tracing::debug!(remote = %self.remote, error = %e, "captured connection failed before its first bytes");
+            }
+        }
+    }
+
     /// Serves HTTP/1.1 or HTTP/2 on `io` until it closes or the drain ends it.
     async fn serve<IO>(self, io: IO, peer: Option<Identity>)
     where
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let svc = connection_service(self.service, self.remote, self.local, peer);
+        self.serve_http(io, peer, None).await
+    }
+
+    async fn serve_http<IO>(self, io: IO, peer: Option<Identity>, original: Option<SocketAddr>)
+    where
+        IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let svc = connection_service(self.service, self.remote, self.local, peer, original);
         let conn = self
             .builder
-            .serve_connection(TokioIo::new(io), svc)
+            .serve_connection_with_upgrades(TokioIo::new(io), svc)
             .into_owned();
         if let Err(e) = self.watcher.watch(conn).await {
             tracing::debug!(listener = self.name, remote = %self.remote, error = %e, "connection ended with an error");
@@ -246,6 +277,7 @@ fn connection_service(
     remote: SocketAddr,
     local: SocketAddr,
     peer: Option<Identity>,
+    original: Option<SocketAddr>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<BoxBody>,
@@ -260,6 +292,9 @@ fn connection_service(
     hyper::service::service_fn(move |req: Request<Incoming>| {
         let mut req = req.map(body::boxed);
         req.extensions_mut().insert(info.clone());
+        if let Some(original) = original {
+            req.extensions_mut().insert(OriginalDestination(original));
+        }
         // Only a verified handshake puts an identity here; nothing a client sends can.
         if let Some(peer) = &peer {
             req.extensions_mut().insert(peer.clone());

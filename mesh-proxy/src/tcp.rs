@@ -156,9 +156,10 @@ fn allowed(
 /// write shutdown to the other (half-close).
 /// Copies both ways until both sides closed; the bytes client → app and app → client, when
 /// the copy ended cleanly (tokio's copy does not report counts on error).
-async fn copy<C>(mut client: C, mut app: TcpStream, remote: SocketAddr) -> Option<(u64, u64)>
+pub(crate) async fn copy<C, A>(mut client: C, mut app: A, remote: SocketAddr) -> Option<(u64, u64)>
 where
     C: AsyncRead + AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + Unpin,
 {
     match tokio::io::copy_bidirectional(&mut client, &mut app).await {
         Ok((up, down)) => {

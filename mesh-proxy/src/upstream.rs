@@ -12,6 +12,9 @@
 //! - HTTP/2: one multiplexed connection per endpoint, dialled once however many requests
 //!   arrive while it connects.
 //!
+//! - Upgrades (WebSocket and others) and `CONNECT`: a fresh connection of their own, never
+//!   pooled, joined to the client's once the endpoint accepts; see [`crate::upgrade`].
+//!
 //! The request's target is an [`UpstreamTarget`] in its extensions, set by the balancer.
 //!
 //! Connection-pool limits (`trafficPolicy.connectionPool`) are read from the route's
@@ -34,6 +37,7 @@ use futures::future::{BoxFuture, Shared};
 use http::uri::{Authority, Scheme, Uri};
 use http::{HeaderValue, Request, Response, Version};
 use hyper::client::conn::{http1, http2};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_core::Identity;
 use mesh_core::ProxyError;
@@ -49,6 +53,8 @@ use mesh_resilience::pool_limits::{
 use mesh_telemetry::metrics::PEER_METADATA_HEADER;
 use mesh_tls::connector::{MtlsConnector, OriginationTls};
 use tokio::net::TcpStream;
+
+use crate::upgrade::{Tunnel, TunnelName, splice};
 
 /// Istio's MeshConfig `connectTimeout` default.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -219,10 +225,28 @@ impl Upstream {
         if let Some(info) = &info {
             info.set_upstream(target.addr);
         }
-        let result = if target.http2 {
-            pool.send_h2(&target, &limits, req).await
-        } else {
-            pool.send_h1(&target, &limits, req).await
+        let result = match Tunnel::of(&mut req) {
+            Tunnel::Upgrade(downstream) => {
+                pool.send_upgrade(&target, &limits, req, downstream).await
+            }
+            Tunnel::Connect(downstream) => pool.connect(&target, &limits, downstream).await,
+            Tunnel::None if req.method() == http::Method::CONNECT => Err(ProxyError::new(
+                ResponseFlags::EMPTY,
+                format_args!(
+                    "CONNECT to {} cannot be tunnelled: this connection cannot be handed over \
+                     (CONNECT is served over HTTP/1.1)",
+                    target.service
+                ),
+            )
+            .with_status(http::StatusCode::NOT_IMPLEMENTED)),
+            Tunnel::None if target.http2 => pool
+                .send_h2(&target, &limits, req)
+                .await
+                .map(|r| r.map(body::boxed)),
+            Tunnel::None => pool
+                .send_h1(&target, &limits, req)
+                .await
+                .map(|r| r.map(body::boxed)),
         };
         if let Some(info) = &info
             && kind == SecurityKind::Mesh
@@ -230,7 +254,7 @@ impl Upstream {
         {
             info.set_upstream_peer(peer);
         }
-        Ok(result?.map(body::boxed))
+        Ok(result?)
     }
 }
 
@@ -522,6 +546,105 @@ impl EndpointPool {
         }
     }
 
+    /// A fresh connection of its own for a tunnel, with the cluster's connection slot it
+    /// holds (a cluster at `maxConnections` answers `503 UO`: a tunnel does not queue).
+    async fn dial_dedicated(
+        &self,
+        target: &UpstreamTarget,
+        checkout: &Checkout,
+    ) -> Result<(Box<dyn Io>, Option<Permit>), ProxyError> {
+        let permit = match (checkout.connection_permit(), &checkout.admission) {
+            (Ok(permit), _) => permit,
+            (Err(()), Some(a)) => {
+                return Err(a
+                    .cluster()
+                    .overflow("connections", a.limits.max_connections));
+            }
+            (Err(()), None) => None,
+        };
+        let io = dial(
+            self.addr,
+            checkout.connect_timeout(),
+            &checkout.security.resolve(),
+            false,
+            &self.peer,
+        )
+        .await
+        .map_err(|e| ProxyError::connect_failed(&target.service, self.addr, e))?;
+        Ok((io.into_inner(), permit))
+    }
+
+    /// Sends an upgrade request on a fresh HTTP/1.1 connection; on `101`, joins the
+    /// endpoint's connection to the client's (`downstream`) in a task of its own.
+    async fn send_upgrade(
+        &self,
+        target: &UpstreamTarget,
+        checkout: &Checkout,
+        req: Request<BoxBody>,
+        downstream: OnUpgrade,
+    ) -> Result<Response<BoxBody>, ProxyError> {
+        let (io, permit) = self.dial_dedicated(target, checkout).await?;
+        let (mut sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ProxyError::connect_failed(&target.service, self.addr, e))?;
+        // The slot goes when both the connection (an answer other than 101) and the tunnel
+        // (a 101) are done with it.
+        let permit = permit.map(Arc::new);
+        let held = permit.clone();
+        tokio::spawn(async move {
+            // Resolves once the connection is handed over to the tunnel, or closes.
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream upgrade connection ended");
+            }
+            drop(held);
+        });
+        let mut response = sender
+            .send_request(to_http1(req))
+            .await
+            .map_err(|e| upstream_failed(target, self.addr, &e))?;
+        // Never pooled: without its sender the connection closes after this exchange.
+        drop(sender);
+        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            let upstream = hyper::upgrade::on(&mut response);
+            let name = TunnelName {
+                service: target.service.clone(),
+                endpoint: self.addr,
+                kind: "upgrade",
+            };
+            tokio::spawn(splice(
+                downstream,
+                async move { upstream.await.map(TokioIo::new) },
+                name,
+                permit,
+            ));
+        }
+        Ok(response.map(body::boxed))
+    }
+
+    /// Opens a connection to the endpoint for a `CONNECT`, and joins it to the client's
+    /// (`downstream`) once the `200` has been written.
+    async fn connect(
+        &self,
+        target: &UpstreamTarget,
+        checkout: &Checkout,
+        downstream: OnUpgrade,
+    ) -> Result<Response<BoxBody>, ProxyError> {
+        let (io, permit) = self.dial_dedicated(target, checkout).await?;
+        let name = TunnelName {
+            service: target.service.clone(),
+            endpoint: self.addr,
+            kind: "CONNECT",
+        };
+        tokio::spawn(splice(
+            downstream,
+            std::future::ready(Ok::<_, std::convert::Infallible>(io)),
+            name,
+            permit,
+        ));
+        Ok(Response::new(body::empty()))
+    }
+
     async fn h2_sender(
         &self,
         target: &UpstreamTarget,
@@ -645,12 +768,15 @@ fn prune(conns: &mut Vec<H1Conn>, idle_timeout: Duration) {
 }
 
 /// A connection to an endpoint, plain or TLS.
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+pub(crate) trait Io:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static
+{
+}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
 
 /// Opens a connection to an endpoint, TCP bounded by the connect timeout, then TLS as
 /// `security` says (the handshake has its own bound).
-async fn dial(
+pub(crate) async fn dial(
     addr: SocketAddr,
     timeout: Duration,
     security: &Security,
@@ -698,7 +824,7 @@ async fn dial(
 /// Why a new upstream connection failed: TCP, or TLS (a failed handshake, an unexpected
 /// identity, or mTLS required without an identity to present).
 #[derive(Debug, thiserror::Error)]
-enum DialError {
+pub(crate) enum DialError {
     #[error("{0}")]
     Io(std::io::Error),
     #[error("{0}")]
@@ -708,7 +834,7 @@ enum DialError {
 /// What secures the connections of a pool; part of the pool's key, so a plaintext and an
 /// mTLS connection to one endpoint are never confused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum SecurityKind {
+pub(crate) enum SecurityKind {
     Plain,
     Mesh,
     Origination,
@@ -716,16 +842,16 @@ enum SecurityKind {
 
 /// How a request's connection would be secured, resolved into a [`Security`] only when a
 /// connection is dialled (rare: connections are pooled).
-struct SecurityPlan {
-    kind: SecurityKind,
-    route: Option<RouteTarget>,
-    endpoint: Option<Arc<EndpointTls>>,
-    mesh: Option<MtlsConnector>,
+pub(crate) struct SecurityPlan {
+    pub(crate) kind: SecurityKind,
+    pub(crate) route: Option<RouteTarget>,
+    pub(crate) endpoint: Option<Arc<EndpointTls>>,
+    pub(crate) mesh: Option<MtlsConnector>,
 }
 
 /// How one new connection is secured.
 #[derive(Clone)]
-enum Security {
+pub(crate) enum Security {
     Plain,
     Mesh {
         connector: MtlsConnector,
@@ -744,7 +870,7 @@ enum Security {
 /// labels: `ISTIO_MUTUAL` → mesh mTLS; `SIMPLE`/`MUTUAL` → TLS origination; `DISABLE`
 /// written out → plaintext; no `tls` at all → auto mTLS, mesh mTLS exactly to endpoints
 /// labelled `security.istio.io/tlsMode: istio`.
-fn security_kind(route: Option<&RouteTarget>, target: &UpstreamTarget) -> SecurityKind {
+pub(crate) fn security_kind(route: Option<&RouteTarget>, target: &UpstreamTarget) -> SecurityKind {
     let tls = route
         .and_then(|r| r.traffic_policy.as_deref())
         .and_then(|p| p.tls.as_ref());
@@ -758,7 +884,7 @@ fn security_kind(route: Option<&RouteTarget>, target: &UpstreamTarget) -> Securi
 }
 
 impl SecurityPlan {
-    fn resolve(&self) -> Security {
+    pub(crate) fn resolve(&self) -> Security {
         match self.kind {
             SecurityKind::Plain => Security::Plain,
             SecurityKind::Mesh => self.mesh(),

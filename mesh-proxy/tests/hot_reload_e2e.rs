@@ -3,6 +3,8 @@
 //! is rejected and counted while the last good config keeps serving, and a Kubernetes
 //! ConfigMap-style symlink swap is seen.
 
+#![allow(clippy::unwrap_used)] // a test that cannot set up should fail loudly
+
 mod support;
 
 use std::net::SocketAddr;

@@ -6,7 +6,7 @@ use http::header::HOST;
 
 /// The authority the request names: the URI's (HTTP/2 `:authority`, absolute-form HTTP/1.1),
 /// else the `Host` header, else `""`.
-pub(crate) fn request_authority<B>(req: &Request<B>) -> &str {
+pub fn request_authority<B>(req: &Request<B>) -> &str {
     match req.uri().authority() {
         Some(authority) => authority.as_str(),
         None => req

@@ -97,6 +97,7 @@ mod rewrite;
 mod route;
 mod table;
 
+pub use authority::request_authority;
 pub use layer::{ResponseFuture, Route, RouteLayer};
 pub use mirror::{DEFAULT_MIRROR_TIMEOUT, SHADOW_BUFFER_FRAMES};
 pub use table::{RouteTable, Selection, SourceContext};

@@ -18,6 +18,14 @@
 //!   VirtualService can steer traffic for external names; any other port of such a host is
 //!   not routed (404 NR).
 //! - Delegation (`delegate`) is expanded into the delegating route, as Istio merges them.
+//! - On a gateway (`SourceContext::gateways` not empty), each port of the Gateway servers
+//!   that select the proxy gets its own virtual hosts, as Istio builds one route
+//!   configuration per gateway port: every host (exact, `*.suffix` or `*`) of the
+//!   VirtualServices bound to a Gateway with a server on that port, with match blocks
+//!   filtered by that port. A request accepted on a listener whose port is a gateway port
+//!   (its `ClientInfo::local`) is routed by its host alone there: the authority's port is
+//!   ignored (Envoy's gateway domains are `host` and `host:*`), and no ServiceEntry host is
+//!   routed without a VirtualService (a gateway exposes only what is bound to it).
 //!
 //! Lookup is one hash probe on the lower-cased host (every alias a client may use,
 //! `HostName::aliases`), then a scan of that host's few ports; wildcard hosts are tried after,
@@ -27,8 +35,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use http::Request;
-use mesh_core::config::networking::{HttpMatchRequest, HttpRoute, VirtualService};
+use mesh_core::config::networking::{
+    HttpMatchRequest, HttpRoute, OutboundTrafficMode, VirtualService,
+};
 use mesh_core::config::{MeshConfig, ServicePort, exported_to};
+use mesh_core::conn::ClientInfo;
 use mesh_core::host::{HostName, split_authority, wildcard_matches};
 use mesh_core::labels::Labels;
 use mesh_core::{ProxyError, ResponseFlags};
@@ -140,6 +151,15 @@ pub struct RouteTable {
     hosts: HashMap<Box<str>, Vec<(u16, Arc<VirtualHost>)>>,
     /// Most specific first.
     wildcards: Vec<(Box<str>, u16, Arc<VirtualHost>)>,
+    /// Gateway virtual hosts: host → (gateway port, routes); see the module docs.
+    gateway_hosts: HashMap<Box<str>, Vec<(u16, Arc<VirtualHost>)>>,
+    /// Gateway wildcard hosts (`*` included), most specific first.
+    gateway_wildcards: Vec<(Box<str>, u16, Arc<VirtualHost>)>,
+    /// The ports of the Gateway servers that select this proxy; empty for a sidecar.
+    gateway_ports: Vec<u16>,
+    /// The Bootstrap's `outboundTrafficPolicy.mode`: what becomes of hosts no virtual host
+    /// serves (the proxy's egress policy layer reads it with the table it goes with).
+    outbound_mode: OutboundTrafficMode,
     warnings: Vec<String>,
 }
 
@@ -168,7 +188,18 @@ impl RouteTable {
     /// exist, a mirror to an unknown host) is logged and listed in
     /// [`warnings`](Self::warnings).
     pub fn build(config: &MeshConfig, source: &SourceContext) -> RouteTable {
-        Builder::new(config, source).build()
+        let mut table = Builder::new(config, source).build();
+        table.outbound_mode = config
+            .bootstrap()
+            .map_or(OutboundTrafficMode::AllowAny, |b| {
+                b.spec.outbound_traffic_policy.mode
+            });
+        table
+    }
+
+    /// The Bootstrap's `outboundTrafficPolicy.mode` (Istio's default `ALLOW_ANY` without one).
+    pub fn outbound_mode(&self) -> OutboundTrafficMode {
+        self.outbound_mode
     }
 
     /// What was ignored while building, one line each.
@@ -178,7 +209,10 @@ impl RouteTable {
 
     /// How many (name, port) pairs route, aliases included.
     pub fn len(&self) -> usize {
-        self.hosts.values().map(Vec::len).sum::<usize>() + self.wildcards.len()
+        self.hosts.values().map(Vec::len).sum::<usize>()
+            + self.wildcards.len()
+            + self.gateway_hosts.values().map(Vec::len).sum::<usize>()
+            + self.gateway_wildcards.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -188,22 +222,15 @@ impl RouteTable {
     /// Finds the route for a request: the virtual host of its authority (URI authority,
     /// else `Host`; no port is 80), then the first route with a matching block.
     ///
+    /// A request accepted on a gateway port (its `ClientInfo` local port) is looked up among
+    /// that port's gateway virtual hosts by host alone.
+    ///
     /// Errors: 404 `NR` when no virtual host serves the authority, or when one does but none
     /// of its routes matches.
     pub fn select<B>(&self, req: &Request<B>) -> Result<Selection, ProxyError> {
         let authority = request_authority(req);
-        let (host, port) =
-            split_authority(authority).ok_or_else(|| ProxyError::no_route(authority))?;
-        // Clients send lower-case hosts almost always; only the rare other case allocates.
-        let lowered;
-        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
-            lowered = host.to_ascii_lowercase();
-            lowered.as_str()
-        } else {
-            host
-        };
         let vhost = self
-            .virtual_host(host, port)
+            .virtual_host_of(req, authority)
             .ok_or_else(|| ProxyError::no_route(authority))?;
         let view = RequestView::new(req, authority);
         let routes = &vhost.routes;
@@ -230,6 +257,39 @@ impl RouteTable {
             })
     }
 
+    /// Whether some virtual host serves the request's authority (whether or not one of its
+    /// routes then matches): what tells a host the mesh knows from one it does not, for the
+    /// proxy's `outboundTrafficPolicy`.
+    pub fn serves<B>(&self, req: &Request<B>) -> bool {
+        self.virtual_host_of(req, request_authority(req)).is_some()
+    }
+
+    /// The virtual host for `authority` (the request's): among the gateway virtual hosts of
+    /// the port it arrived on, or the sidecar's.
+    fn virtual_host_of<B>(&self, req: &Request<B>, authority: &str) -> Option<&VirtualHost> {
+        let gateway_port = if self.gateway_ports.is_empty() {
+            None
+        } else {
+            req.extensions()
+                .get::<ClientInfo>()
+                .map(|info| info.local.port())
+                .filter(|port| self.gateway_ports.contains(port))
+        };
+        let (host, port) = split_authority(authority)?;
+        // Clients send lower-case hosts almost always; only the rare other case allocates.
+        let lowered;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = host.to_ascii_lowercase();
+            lowered.as_str()
+        } else {
+            host
+        };
+        match gateway_port {
+            Some(port) => self.gateway_virtual_host(host, port),
+            None => self.virtual_host(host, port),
+        }
+    }
+
     fn virtual_host(&self, host: &str, port: u16) -> Option<&VirtualHost> {
         let by_name = self
             .hosts
@@ -245,22 +305,57 @@ impl RouteTable {
         }
     }
 
+    fn gateway_virtual_host(&self, host: &str, port: u16) -> Option<&VirtualHost> {
+        let by_name = self
+            .gateway_hosts
+            .get(host)
+            .and_then(|ports| ports.iter().find(|(p, _)| *p == port));
+        match by_name {
+            Some((_, vhost)) => Some(vhost),
+            None => self
+                .gateway_wildcards
+                .iter()
+                .find(|(pattern, p, _)| *p == port && wildcard_matches(pattern, host))
+                .map(|(_, _, vhost)| &**vhost),
+        }
+    }
+
     /// Adds `host:port` unless it is there already (the first definition wins).
     fn insert(&mut self, host: &str, port: u16, vhost: &Arc<VirtualHost>) {
-        if host.starts_with('*') {
-            if !self
-                .wildcards
-                .iter()
-                .any(|(h, p, _)| &**h == host && *p == port)
-            {
-                self.wildcards.push((host.into(), port, vhost.clone()));
-            }
-            return;
+        insert_into(&mut self.hosts, &mut self.wildcards, host, port, vhost);
+    }
+
+    /// [`insert`](Self::insert) for a gateway port's virtual hosts.
+    fn insert_gateway(&mut self, host: &str, port: u16, vhost: &Arc<VirtualHost>) {
+        insert_into(
+            &mut self.gateway_hosts,
+            &mut self.gateway_wildcards,
+            host,
+            port,
+            vhost,
+        );
+    }
+}
+
+type HostMap = HashMap<Box<str>, Vec<(u16, Arc<VirtualHost>)>>;
+type WildcardList = Vec<(Box<str>, u16, Arc<VirtualHost>)>;
+
+fn insert_into(
+    hosts: &mut HostMap,
+    wildcards: &mut WildcardList,
+    host: &str,
+    port: u16,
+    vhost: &Arc<VirtualHost>,
+) {
+    if host.starts_with('*') {
+        if !wildcards.iter().any(|(h, p, _)| &**h == host && *p == port) {
+            wildcards.push((host.into(), port, vhost.clone()));
         }
-        let ports = self.hosts.entry(host.into()).or_default();
-        if !ports.iter().any(|(p, _)| *p == port) {
-            ports.push((port, vhost.clone()));
-        }
+        return;
+    }
+    let ports = hosts.entry(host.into()).or_default();
+    if !ports.iter().any(|(p, _)| *p == port) {
+        ports.push((port, vhost.clone()));
     }
 }
 
@@ -401,7 +496,69 @@ impl<'a> Builder<'a> {
         self.table
             .wildcards
             .sort_by_key(|(pattern, _, _)| std::cmp::Reverse(pattern.len()));
+        self.build_gateways(&namespace);
         self.table
+    }
+
+    /// The gateway virtual hosts: per port of the Gateway servers that select this proxy,
+    /// every host of the VirtualServices bound to a Gateway with a server on that port
+    /// (the first VirtualService naming a host wins, as on the sidecar).
+    fn build_gateways(&mut self, namespace: &str) {
+        if self.source.gateways.is_empty() {
+            return;
+        }
+        // Port → the `namespace/name`s of this proxy's Gateways with a server on it.
+        let mut ports: Vec<(u16, Vec<String>)> = Vec::new();
+        for gw in self.config.gateways() {
+            let name = format!("{}/{}", gw.namespace(), gw.name());
+            if !self.source.gateways.contains(&name) {
+                continue;
+            }
+            for server in &gw.spec.servers {
+                let port = server.port.number.get();
+                match ports.iter_mut().find(|(p, _)| *p == port) {
+                    Some((_, names)) if names.contains(&name) => {}
+                    Some((_, names)) => names.push(name.clone()),
+                    None => ports.push((port, vec![name.clone()])),
+                }
+            }
+        }
+        for (port, names) in ports {
+            self.table.gateway_ports.push(port);
+            for i in 0..self.virtual_services.len() {
+                let vs = self.virtual_services[i];
+                let bound = vs.spec.gateways.iter().any(|g| {
+                    let qualified = match g.split_once('/') {
+                        Some(_) => g.clone(),
+                        None => format!("{}/{g}", vs.namespace()),
+                    };
+                    names.contains(&qualified)
+                });
+                if !bound {
+                    continue;
+                }
+                let Some(routes) = self.routes_for(i, port) else {
+                    continue;
+                };
+                for host in &vs.spec.hosts {
+                    let vhost = Arc::new(VirtualHost {
+                        name: format!("{host}:{port}").into(),
+                        routes: routes.clone(),
+                    });
+                    let name = HostName::qualify(host, vs.namespace());
+                    if name.as_str().starts_with('*') {
+                        self.table.insert_gateway(name.as_str(), port, &vhost);
+                    } else {
+                        for alias in name.aliases(namespace) {
+                            self.table.insert_gateway(&alias, port, &vhost);
+                        }
+                    }
+                }
+            }
+        }
+        self.table
+            .gateway_wildcards
+            .sort_by_key(|(pattern, _, _)| std::cmp::Reverse(pattern.len()));
     }
 
     fn default_routes(&mut self, service: &Arc<ServicePort>) -> Arc<Routes> {
@@ -494,5 +651,113 @@ mod tests {
         assert!(gateway.is_gateway("istio-system/public", "x"));
         assert!(gateway.is_gateway("public", "istio-system"));
         assert!(!gateway.is_gateway("public", "default"));
+    }
+
+    #[test]
+    fn gateway_ports_route_bound_virtual_services_by_host_alone() {
+        use mesh_core::config::{Source, load_sources};
+        let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: { name: public, namespace: default }
+spec:
+  selector: { istio: ingressgateway }
+  servers:
+  - port: { number: 8080, name: http, protocol: HTTP }
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: { name: productpage }
+spec:
+  hosts: [productpage]
+  ports: [{ number: 9080, name: http, protocol: HTTP }]
+  resolution: STATIC
+  endpoints: [{ address: 127.0.0.1 }]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: any }
+spec:
+  hosts: ["*"]
+  gateways: [public]
+  http:
+  - name: any
+    match: [{ uri: { prefix: /productpage } }]
+    route: [{ destination: { host: productpage } }]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: bookinfo }
+spec:
+  hosts: [bookinfo.example.com]
+  gateways: [default/public]
+  http:
+  - name: bookinfo
+    route: [{ destination: { host: productpage, port: { number: 9080 } } }]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: mesh-only }
+spec:
+  hosts: [mesh.example.com]
+  http:
+  - name: mesh-only
+    route: [{ destination: { host: productpage } }]
+"#;
+        let config = load_sources(&[Source::new("t.yaml", yaml)]).unwrap();
+        let source = SourceContext {
+            namespace: "default".into(),
+            gateways: vec!["default/public".into()],
+            ..SourceContext::default()
+        };
+        let table = RouteTable::build(&config, &source);
+        let on = |port: u16, host: &str, path: &str| {
+            let mut req = Request::get(path).header("host", host).body(()).unwrap();
+            req.extensions_mut().insert(ClientInfo {
+                remote: "127.0.0.1:1".parse().unwrap(),
+                local: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                tls: false,
+            });
+            table
+                .select(&req)
+                .map(|s| s.route_name().unwrap_or_default().to_string())
+                .map_err(|e| e.flags().to_string())
+        };
+        // The exact host wins over `*`, whatever port the Host header names.
+        assert_eq!(
+            on(8080, "bookinfo.example.com", "/x").as_deref(),
+            Ok("bookinfo")
+        );
+        assert_eq!(
+            on(8080, "bookinfo.example.com:443", "/x").as_deref(),
+            Ok("bookinfo")
+        );
+        assert_eq!(
+            on(8080, "anything.test", "/productpage").as_deref(),
+            Ok("any")
+        );
+        assert_eq!(
+            on(8080, "anything.test", "/other").as_deref(),
+            Err(&"NR".to_string())
+        );
+        // Mesh-only VirtualServices and bare services are not exposed on the gateway.
+        assert_eq!(
+            on(8080, "mesh.example.com", "/productpage").as_deref(),
+            Ok("any")
+        );
+        assert_eq!(
+            on(8080, "mesh.example.com", "/x").as_deref(),
+            Err(&"NR".to_string())
+        );
+        // Not a gateway port: the sidecar lookup, by host and port.
+        assert_eq!(
+            on(15001, "bookinfo.example.com", "/x").as_deref(),
+            Ok("bookinfo")
+        );
+        assert_eq!(
+            on(15001, "bookinfo.example.com:443", "/x").as_deref(),
+            Err(&"NR".to_string())
+        );
     }
 }

@@ -5,6 +5,7 @@
 pub mod app;
 pub mod grpc;
 pub mod pki;
+pub mod tcp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -90,8 +90,10 @@
 //! - **Endpoints**: every attempt carries one shared [`PreviousAttempts`]; the balancer should
 //!   avoid the endpoints in it (see [`previous`](crate::previous)).
 //! - **Not retried at all**: requests without a [`RouteTarget`], routes with `attempts: 0`
-//!   or an empty `retryOn`, and `CONNECT` (a tunnel). These go straight through with no
-//!   allocation: the future is the inner one, wrapped in an enum.
+//!   or an empty `retryOn`, `CONNECT` (a tunnel), and HTTP/1.1 upgrades (`Connection:
+//!   upgrade` with `Upgrade`, WebSocket say): the client's connection can be handed over to
+//!   one attempt only. These go straight through with no allocation: the future is the inner
+//!   one, wrapped in an enum.
 //!
 //! Every attempt is a fresh request made from the original's method, URI, version, headers and
 //! extensions (cloned once per attempt) and the replayed body. The first attempt is sent from
@@ -238,7 +240,7 @@ where
 
     fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
         let (policy, name, retry_limit, budget) = match req.extensions().get::<RouteTarget>() {
-            Some(t) if retries_enabled(&t.retry) && req.method() != Method::CONNECT => {
+            Some(t) if retries_enabled(&t.retry) && !is_tunnel(&req) => {
                 let limit = self.breakers.as_ref().and_then(|b| {
                     let limits = PoolLimits::for_target(t);
                     (limits.max_retries != usize::MAX).then(|| (b.clone(), limits))
@@ -289,6 +291,19 @@ where
             },
         }
     }
+}
+
+/// `CONNECT`, or an upgrade (`Connection: upgrade` and an `Upgrade` header): never replayed.
+fn is_tunnel<B>(req: &Request<B>) -> bool {
+    let headers = req.headers();
+    req.method() == Method::CONNECT
+        || (headers.contains_key(http::header::UPGRADE)
+            && headers.get_all(http::header::CONNECTION).iter().any(|v| {
+                v.to_str().is_ok_and(|v| {
+                    v.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+                })
+            }))
 }
 
 fn retries_enabled(policy: &RetryPolicy) -> bool {

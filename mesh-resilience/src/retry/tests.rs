@@ -540,6 +540,18 @@ async fn requests_that_cannot_be_retried_pass_straight_through() {
         (resp.status().as_u16(), calls.load(Ordering::SeqCst)),
         (503, 1)
     );
+    // An upgrade (WebSocket) hands the client's connection to one attempt.
+    let (svc, calls) = endpoint(answer);
+    let mut req = request(RetryPolicy::istio_default(), body::empty());
+    req.headers_mut()
+        .insert("connection", "Upgrade".parse().unwrap());
+    req.headers_mut()
+        .insert("upgrade", "websocket".parse().unwrap());
+    let resp = layer().layer(svc).oneshot(req).await.unwrap();
+    assert_eq!(
+        (resp.status().as_u16(), calls.load(Ordering::SeqCst)),
+        (503, 1)
+    );
     assert!(matches!(
         layer()
             .layer(endpoint(answer).0)

@@ -1,0 +1,65 @@
+//! Opaque-TCP backends on loopback: an echo server that keeps half-close, and a server that
+//! speaks first (as SMTP and MySQL servers do).
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Echoes each connection's bytes back as they arrive; when the client shuts its write side,
+/// the echo finishes and the server shuts its own (half-close both ways).
+pub async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = conn.split();
+                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Writes `greeting` as soon as a connection is accepted, then echoes what it reads until
+/// the client closes.
+pub async fn speaks_first(greeting: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if conn.write_all(greeting.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = conn.read(&mut buf).await {
+                    if n == 0 || conn.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A loopback port nothing listens on (bound, read, released).
+pub fn closed_port() -> u16 {
+    free_ports(1)[0]
+}
+
+/// `n` distinct loopback ports that were free a moment ago (all bound at once, then
+/// released): for listeners whose port the config must name. Callers retry on the rare
+/// conflict.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
