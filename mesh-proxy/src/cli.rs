@@ -111,6 +111,7 @@ fn run(paths: &[PathBuf]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    raise_open_files_limit();
     // Istio's ProxyConfig.concurrency: worker threads; 2 when unset, as Istio's sidecar.
     let workers = config
         .bootstrap()
@@ -185,5 +186,19 @@ async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
     match signal {
         Some(s) => s.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Connections are bounded by file descriptors, not by a limit of ours: raise the soft
+/// open-files limit to the hard one, as Envoy's and Linkerd's images do.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
     }
 }

@@ -69,7 +69,7 @@ use std::time::Duration;
 use http::header::{HOST, LOCATION};
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use mesh_core::ResponseFlags;
@@ -1006,6 +1006,7 @@ struct Shared {
     config: ConfigSource,
     builder: auto::Builder<TokioExecutor>,
     local: SocketAddr,
+    idle_timeout: Duration,
 }
 
 /// Serves `gateway` on `listener` (bound to its [`addr`](GatewayListener::addr)) with
@@ -1017,6 +1018,7 @@ pub async fn serve(
     gateway: Arc<GatewayListener>,
     stack: HttpService,
     config: ConfigSource,
+    limits: mesh_core::config::bootstrap::HttpLimits,
     mut shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
 ) {
@@ -1027,15 +1029,13 @@ pub async fn serve(
             return;
         }
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
     let shared = Arc::new(Shared {
         gateway,
         stack,
         config,
-        builder,
+        builder: crate::server::http_builder(&limits),
         local,
+        idle_timeout: limits.idle_timeout.get(),
     });
     let graceful = GracefulShutdown::new();
     let mut conns = JoinSet::new();
@@ -1192,13 +1192,16 @@ async fn serve_http<IO>(
         tls,
     };
     let svc = gateway_service(shared.stack.clone(), router, info);
-    let conn = shared
-        .builder
-        .serve_connection_with_upgrades(TokioIo::new(io), svc)
-        .into_owned();
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(listener = %shared.gateway.name, %remote, error = %e, "connection ended with an error");
-    }
+    crate::server::serve_http(
+        &shared.builder,
+        io,
+        svc,
+        watcher,
+        shared.idle_timeout,
+        "gateway",
+        remote,
+    )
+    .await;
 }
 
 #[cfg(test)]

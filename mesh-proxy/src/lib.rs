@@ -21,6 +21,7 @@ pub mod cli;
 pub mod detect;
 pub mod gateway;
 pub mod headers;
+pub mod idle;
 pub mod inbound;
 pub mod local_reply;
 pub mod logging;

@@ -221,6 +221,7 @@ impl RunningProxy {
     pub async fn start(config: Arc<MeshConfig>) -> Result<RunningProxy, StartError> {
         let bootstrap = config.bootstrap().ok_or(StartError::NoBootstrap)?;
         let drain = bootstrap.termination_drain_duration();
+        let limits = bootstrap.spec.limits.clone();
         let rate_limit = bootstrap.spec.rate_limit;
         let admin_addr = bootstrap.admin_listen();
         let outbound_addr = bootstrap.outbound_listen();
@@ -328,6 +329,7 @@ impl RunningProxy {
                 upstream.clone(),
             ),
             server::Transport::Captured(captured),
+            limits.clone(),
             stop_rx.clone(),
             drain,
         ))];
@@ -347,6 +349,7 @@ impl RunningProxy {
                 gateway,
                 stack,
                 Arc::new(move || current.config()),
+                limits.clone(),
                 stop_rx.clone(),
                 drain,
             )));
@@ -369,6 +372,7 @@ impl RunningProxy {
                 telemetry: &shared.telemetry,
                 rate_limit: rate_limit.as_ref(),
                 upstream: upstream.clone(),
+                limits: &limits,
             },
             &stop_rx,
             drain,
@@ -409,6 +413,7 @@ impl RunningProxy {
                 listener,
                 stack,
                 server::Transport::Inbound(tls),
+                limits.clone(),
                 stop_rx,
                 drain,
             )));

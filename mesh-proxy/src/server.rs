@@ -12,6 +12,13 @@
 //! (`DISABLE`). The TLS handshake runs in the connection's own task, so a slow client never
 //! holds up the accept loop; the verified peer identity goes into every request's extensions
 //! as a [`mesh_core::Identity`].
+//!
+//! Every HTTP listener applies the Bootstrap's `limits` ([`http_builder`], [`serve_http`]):
+//! request heads over the byte or count budget are refused `431` by hyper's parser (Envoy's
+//! 60 KiB and 100 headers by default); a head not complete within the read timeout (15 s)
+//! ends the connection (slowloris); HTTP/2 clients get a bounded number of concurrent
+//! streams and hyper's rapid-reset and error-reset bounds, set here on purpose; and a
+//! connection that moves no byte for the idle timeout (Istio's 1 h) is closed.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,6 +27,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use mesh_core::Identity;
+use mesh_core::config::bootstrap::HttpLimits;
 use mesh_tls::acceptor::MtlsAcceptor;
 use mesh_tls::peer_auth::{Mode, PeerAuthenticationPolicy};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -85,10 +93,39 @@ pub async fn serve(
         listener,
         service,
         Transport::Plain,
+        HttpLimits::default(),
         shutdown,
         drain_timeout,
     )
     .await
+}
+
+/// HTTP/2 streams a client may reset before they are answered, and streams the server may
+/// reset for protocol errors, before the connection is closed (the "rapid reset" and
+/// "error reset" floods, CVE-2023-44487 and its kin). hyper's defaults, pinned here so an
+/// upgrade cannot loosen them unnoticed.
+const HTTP2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+const HTTP2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// hyper-util's server builder for one listener, with `limits` applied.
+pub fn http_builder(limits: &HttpLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // hyper refuses a head larger than its read buffer with 431; bodies stream in chunks
+        // and are not bounded by it.
+        .max_buf_size(limits.max_request_headers_bytes as usize)
+        .max_headers(limits.max_request_headers as usize)
+        .header_read_timeout(limits.request_headers_timeout.get());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_request_headers_bytes)
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(HTTP2_MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESETS);
+    builder
 }
 
 /// [`serve`], securing each connection as `transport` says.
@@ -97,6 +134,7 @@ pub async fn serve_with(
     listener: TcpListener,
     service: HttpService,
     transport: Transport,
+    limits: HttpLimits,
     mut shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
 ) {
@@ -107,10 +145,8 @@ pub async fn serve_with(
             return;
         }
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
-    let builder = Arc::new(builder);
+    let builder = Arc::new(http_builder(&limits));
+    let idle_timeout = limits.idle_timeout.get();
     let graceful = GracefulShutdown::new();
 
     loop {
@@ -125,6 +161,7 @@ pub async fn serve_with(
                         service: service.clone(),
                         builder: builder.clone(),
                         watcher: graceful.watcher(),
+                        idle_timeout,
                     };
                     match &transport {
                         Transport::Plain => {
@@ -218,6 +255,7 @@ struct Connection {
     service: HttpService,
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: hyper_util::server::graceful::Watcher,
+    idle_timeout: Duration,
 }
 
 impl Connection {
@@ -260,12 +298,49 @@ impl Connection {
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let svc = connection_service(self.service, self.remote, self.local, peer, original);
-        let conn = self
-            .builder
-            .serve_connection_with_upgrades(TokioIo::new(io), svc)
-            .into_owned();
-        if let Err(e) = self.watcher.watch(conn).await {
-            tracing::debug!(listener = self.name, remote = %self.remote, error = %e, "connection ended with an error");
+        serve_http(
+            &self.builder,
+            io,
+            svc,
+            self.watcher,
+            self.idle_timeout,
+            self.name,
+            self.remote,
+        )
+        .await;
+    }
+}
+
+/// Serves HTTP on one accepted connection (upgrades included) under the drain `watcher`,
+/// closing it once no byte has moved either way for `idle_timeout`.
+pub(crate) async fn serve_http<IO, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: IO,
+    svc: S,
+    watcher: hyper_util::server::graceful::Watcher,
+    idle_timeout: Duration,
+    listener: &str,
+    remote: SocketAddr,
+) where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<BoxBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let (io, activity) = crate::idle::Tracked::new(io);
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .into_owned();
+    tokio::select! {
+        result = watcher.watch(conn) => {
+            if let Err(e) = result {
+                tracing::debug!(listener, %remote, error = %e, "connection ended with an error");
+            }
+        }
+        () = activity.idle_for(idle_timeout) => {
+            tracing::debug!(listener, %remote, ?idle_timeout, "idle connection closed");
         }
     }
 }

@@ -168,6 +168,8 @@ pub(crate) struct Context<'a> {
     pub telemetry: &'a Telemetry,
     pub rate_limit: Option<&'a RateLimitSettings>,
     pub upstream: Upstream,
+    /// The Bootstrap's `limits`, for the HTTP listeners.
+    pub limits: &'a mesh_core::config::bootstrap::HttpLimits,
 }
 
 impl SidecarListeners {
@@ -246,10 +248,12 @@ impl SidecarListeners {
         let mut tasks = Vec::new();
         for bound in self.egress.into_iter().chain(self.ingress) {
             let task = match bound.kind {
-                Kind::EgressHttp => tokio::spawn(server::serve(
+                Kind::EgressHttp => tokio::spawn(server::serve_with(
                     "sidecar egress",
                     bound.listener,
                     ctx.outbound_http.clone(),
+                    Transport::Plain,
+                    ctx.limits.clone(),
                     stop.clone(),
                     drain,
                 )),
@@ -291,6 +295,7 @@ impl SidecarListeners {
                                 bound.listener,
                                 stack,
                                 Transport::Inbound(tls),
+                                ctx.limits.clone(),
                                 stop.clone(),
                                 drain,
                             ))

@@ -60,6 +60,50 @@ pub struct BootstrapSpec {
     pub register: Option<RegisterSettings>,
     #[serde(default = "default_drain")]
     pub termination_drain_duration: Duration,
+    /// What one client may ask of the proxy's HTTP listeners.
+    #[serde(default)]
+    pub limits: HttpLimits,
+}
+
+/// Envoy's defaults for request headers; Istio's idle timeout; HTTP/2 streams and resets
+/// bounded on purpose (hyper's own defaults are tuned for servers, not for a proxy in front
+/// of every service of a company).
+pub const DEFAULT_MAX_REQUEST_HEADERS_BYTES: u32 = 60 * 1024;
+pub const DEFAULT_MAX_REQUEST_HEADERS: u32 = 100;
+pub const DEFAULT_REQUEST_HEADERS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+pub const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// The smallest header budget hyper's HTTP/1 parser accepts (its minimum read buffer).
+pub const MIN_REQUEST_HEADERS_BYTES: u32 = 8 * 1024;
+
+/// Bootstrap `limits`: per-connection bounds of the HTTP listeners (outbound, inbound,
+/// gateway, Sidecar listeners). Past the header limits a request is refused `431`; a client
+/// that has not sent its whole request head within `requestHeadersTimeout` is disconnected
+/// (slowloris); a connection with no request for `idleTimeout` is closed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpLimits {
+    /// All request headers together, in bytes (Envoy's `max_request_headers_kb`: 60 KiB).
+    pub max_request_headers_bytes: u32,
+    /// Request headers in number (Envoy's `max_headers_count`: 100).
+    pub max_request_headers: u32,
+    pub request_headers_timeout: Duration,
+    /// Istio's default idle timeout: 1 h.
+    pub idle_timeout: Duration,
+    /// Streams one HTTP/2 client may have open at once.
+    pub http2_max_concurrent_streams: u32,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_request_headers_bytes: DEFAULT_MAX_REQUEST_HEADERS_BYTES,
+            max_request_headers: DEFAULT_MAX_REQUEST_HEADERS,
+            request_headers_timeout: Duration(DEFAULT_REQUEST_HEADERS_TIMEOUT),
+            idle_timeout: Duration(DEFAULT_IDLE_TIMEOUT),
+            http2_max_concurrent_streams: DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
+        }
+    }
 }
 
 /// `Resource<S>` lets `spec` be omitted; a Bootstrap without one is then reported as a
@@ -84,6 +128,7 @@ impl Default for BootstrapSpec {
             discovery: None,
             register: None,
             termination_drain_duration: default_drain(),
+            limits: HttpLimits::default(),
         }
     }
 }

@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 
-use super::bootstrap::{BootstrapSpec, MAX_RATE_LIMIT};
+use super::bootstrap::{BootstrapSpec, MAX_RATE_LIMIT, MIN_REQUEST_HEADERS_BYTES};
 use super::networking::{
     ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, CorsPolicy, Destination,
     DestinationRuleSpec, GatewaySpec, HeaderOperations, Headers, HttpMatchRequest, HttpRedirect,
@@ -1082,6 +1082,30 @@ pub(crate) fn bootstrap(b: &BootstrapSpec, out: &mut Issues) {
             in_range("burst", limit.burst);
         }
     }
+    let limits = &b.limits;
+    if limits.max_request_headers_bytes < MIN_REQUEST_HEADERS_BYTES {
+        out.add(
+            "spec.limits.maxRequestHeadersBytes",
+            format!(
+                "{} is below the smallest supported header budget, {MIN_REQUEST_HEADERS_BYTES} bytes",
+                limits.max_request_headers_bytes
+            ),
+        );
+    }
+    if limits.max_request_headers == 0 {
+        out.add("spec.limits.maxRequestHeaders", "must be at least 1");
+    }
+    if limits.http2_max_concurrent_streams == 0 {
+        out.add(
+            "spec.limits.http2MaxConcurrentStreams",
+            "must be at least 1",
+        );
+    }
+    out.positive(
+        "spec.limits.requestHeadersTimeout",
+        Some(limits.request_headers_timeout),
+    );
+    out.positive("spec.limits.idleTimeout", Some(limits.idle_timeout));
 }
 
 fn non_empty_items(out: &mut Issues, p: &str, items: &[String]) {
