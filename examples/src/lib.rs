@@ -2,6 +2,7 @@
 //! them. This library holds what they share.
 #![forbid(unsafe_code)]
 
+pub mod bookinfo;
 pub mod custom_proxy;
 pub mod embed;
 pub mod hello;
