@@ -7,8 +7,12 @@
 //! as opaque TCP — a server-speaks-first protocol (MySQL, SMTP) gets its greeting through at
 //! once instead of stalling, which is what a port declared `TCP` avoids entirely.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// How long a captured connection may stay silent before it is treated as opaque TCP
@@ -101,6 +105,92 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<Pr
     }
 }
 
+/// Detection on a stream that cannot be peeked (a TLS session): reads the first bytes (for
+/// at most `timeout`), classifies them, and hands back a stream that replays them first.
+pub async fn detect_by_reading<IO>(
+    mut io: IO,
+    timeout: Duration,
+) -> io::Result<(Protocol, Rewind<IO>)>
+where
+    IO: AsyncRead + Unpin,
+{
+    let mut buf = Vec::with_capacity(16);
+    let read = async {
+        let mut chunk = [0u8; 16];
+        loop {
+            let want = chunk.len() - buf.len().min(chunk.len());
+            if want == 0 {
+                return Ok::<_, io::Error>(Protocol::Opaque);
+            }
+            let n = io.read(&mut chunk[..want]).await?;
+            if n == 0 {
+                return Ok(Protocol::Opaque);
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(decided) = classify(&buf) {
+                return Ok(decided);
+            }
+        }
+    };
+    let protocol = match tokio::time::timeout(timeout, read).await {
+        Ok(result) => result?,
+        Err(_elapsed) => Protocol::Opaque,
+    };
+    Ok((protocol, Rewind::new(buf, io)))
+}
+
+pin_project_lite::pin_project! {
+    /// `io` with `prefix` (bytes already read from it) served first.
+    pub struct Rewind<IO> {
+        prefix: Vec<u8>,
+        pos: usize,
+        #[pin]
+        io: IO,
+    }
+}
+
+impl<IO> Rewind<IO> {
+    pub fn new(prefix: Vec<u8>, io: IO) -> Rewind<IO> {
+        Rewind { prefix, pos: 0, io }
+    }
+}
+
+impl<IO: AsyncRead> AsyncRead for Rewind<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if *this.pos < this.prefix.len() {
+            let rest = &this.prefix[*this.pos..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            *this.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        this.io.poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite> AsyncWrite for Rewind<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +213,29 @@ mod tests {
         assert_eq!(classify(b"SSH-2.0-OpenSSH"), Some(Protocol::Opaque));
         // A lowercase method is not HTTP.
         assert_eq!(classify(b"get / HTTP/1.1"), Some(Protocol::Opaque));
+    }
+
+    #[tokio::test]
+    async fn reading_detection_replays_what_it_read() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(b"POST /x HTTP/1.1\r\n").await.unwrap();
+        let (got, mut rewound) = detect_by_reading(server, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(got, Protocol::Http);
+        client.write_all(b"rest").await.unwrap();
+        drop(client);
+        let mut all = Vec::new();
+        rewound.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"POST /x HTTP/1.1\r\nrest");
+
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(b"\x00\x01binary").await.unwrap();
+        let (got, _) = detect_by_reading(server, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(got, Protocol::Opaque);
     }
 
     #[tokio::test]

@@ -389,15 +389,21 @@ impl RunningProxy {
                     "PeerAuthentication is STRICT but the Bootstrap has no identity: every inbound connection will be refused"
                 );
             }
+            let opaque = Arc::new(tcp::InboundTcp {
+                app,
+                tls: tls.clone(),
+                authz: shared.authz.clone(),
+                metrics: shared.telemetry.tcp(),
+            });
             let Some(protocol) = protocol else {
-                let tcp = Arc::new(tcp::InboundTcp {
-                    app,
-                    tls,
-                    authz: shared.authz.clone(),
-                    metrics: shared.telemetry.tcp(),
-                });
-                listeners.push(tokio::spawn(tcp::serve(listener, tcp, stop_rx, drain)));
+                listeners.push(tokio::spawn(tcp::serve(listener, opaque, stop_rx, drain)));
                 return addr;
+            };
+            // `auto` (Istio's protocol sniffing): HTTP by its first bytes, else opaque TCP.
+            let transport = if protocol == AppProtocol::Auto {
+                server::Transport::InboundDetect(tls, opaque)
+            } else {
+                server::Transport::Inbound(tls)
             };
             let stack = inbound::stack(
                 app,
@@ -412,7 +418,7 @@ impl RunningProxy {
                 "inbound",
                 listener,
                 stack,
-                server::Transport::Inbound(tls),
+                transport,
                 limits.clone(),
                 stop_rx,
                 drain,

@@ -60,6 +60,10 @@ pub enum Transport {
     Plain,
     /// The inbound listener: mTLS as the workload's `PeerAuthentication` says.
     Inbound(Arc<InboundTls>),
+    /// [`Transport::Inbound`] with protocol detection after the TLS step (`inbound.protocol:
+    /// auto`): HTTP is served as HTTP; anything else, or a client silent past the bound, is
+    /// opaque TCP to the app through `tcp`.
+    InboundDetect(Arc<InboundTls>, Arc<crate::tcp::InboundTcp>),
     /// The outbound listener under transparent capture: a connection the kernel redirected
     /// (it has an original destination) is told HTTP from opaque TCP by its first bytes;
     /// HTTP requests carry the `OriginalDestination`; opaque TCP goes to `crate::capture`.
@@ -173,6 +177,9 @@ pub async fn serve_with(
                         Transport::Inbound(tls) => {
                             tokio::spawn(conn.secure(stream, tls.clone()));
                         }
+                        Transport::InboundDetect(tls, tcp) => {
+                            tokio::spawn(conn.secure_detect(stream, tls.clone(), tcp.clone()));
+                        }
                     }
                 }
                 Err(e) => {
@@ -265,6 +272,36 @@ impl Connection {
         match secure(stream, self.remote, &tls).await {
             Some(Secured::Plain(stream)) => self.serve(stream, None).await,
             Some(Secured::Tls(stream, peer)) => self.serve(stream, Some(peer)).await,
+            None => {}
+        }
+    }
+
+    /// [`Transport::InboundDetect`]: secure, then HTTP or opaque TCP by the first bytes.
+    async fn secure_detect(
+        self,
+        stream: TcpStream,
+        tls: Arc<InboundTls>,
+        tcp: Arc<crate::tcp::InboundTcp>,
+    ) {
+        use crate::detect::{DETECT_TIMEOUT, Protocol, detect, detect_by_reading};
+        let (remote, local) = (self.remote, self.local);
+        match secure(stream, remote, &tls).await {
+            Some(Secured::Plain(stream)) => match detect(&stream, DETECT_TIMEOUT).await {
+                Ok(Protocol::Http) => self.serve(stream, None).await,
+                Ok(_) => crate::tcp::forward(stream, None, remote, local, &tcp).await,
+                Err(e) => {
+                    tracing::debug!(%remote, error = %e, "connection failed before its first bytes")
+                }
+            },
+            Some(Secured::Tls(stream, peer)) => {
+                match detect_by_reading(*stream, DETECT_TIMEOUT).await {
+                    Ok((Protocol::Http, io)) => self.serve(io, Some(peer)).await,
+                    Ok((_, io)) => crate::tcp::forward(io, Some(peer), remote, local, &tcp).await,
+                    Err(e) => {
+                        tracing::debug!(%remote, error = %e, "mTLS connection failed before its first bytes")
+                    }
+                }
+            }
             None => {}
         }
     }

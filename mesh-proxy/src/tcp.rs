@@ -85,14 +85,27 @@ async fn connection(
     local: SocketAddr,
     inbound: Arc<InboundTcp>,
 ) {
-    let Some(secured) = secure(stream, remote, &inbound.tls).await else {
-        return;
-    };
-    let peer = match &secured {
-        Secured::Plain(_) => None,
-        Secured::Tls(_, peer) => Some(peer.clone()),
-    };
-    if !allowed(&inbound, peer.as_ref(), remote, local) {
+    match secure(stream, remote, &inbound.tls).await {
+        Some(Secured::Plain(client)) => forward(client, None, remote, local, &inbound).await,
+        Some(Secured::Tls(client, peer)) => {
+            forward(*client, Some(peer), remote, local, &inbound).await
+        }
+        None => {}
+    }
+}
+
+/// Opaque TCP from a secured client (`peer` when it proved an identity over mTLS) to the
+/// app: authorization as a TCP connection, then a byte copy with half-close, counted.
+pub(crate) async fn forward<C>(
+    client: C,
+    peer: Option<Identity>,
+    remote: SocketAddr,
+    local: SocketAddr,
+    inbound: &InboundTcp,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    if !allowed(inbound, peer.as_ref(), remote, local) {
         return;
     }
     let mut conn = TcpConnection::new(Reporter::Destination);
@@ -118,10 +131,7 @@ async fn connection(
         }
     };
     let _ = app.set_nodelay(true);
-    let copied = match secured {
-        Secured::Plain(client) => copy(client, app, remote).await,
-        Secured::Tls(client, _) => copy(*client, app, remote).await,
-    };
+    let copied = copy(client, app, remote).await;
     if let Some((received, sent)) = copied {
         metrics.add_received(received);
         metrics.add_sent(sent);

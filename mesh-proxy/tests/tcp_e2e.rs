@@ -580,3 +580,71 @@ async fn a_port_conflict_fails_the_start_naming_the_sidecar_listener() {
     assert!(msg.contains("Sidecar default/client egress[0]"), "{msg}");
     assert!(msg.contains(&format!("127.0.0.1:{port}")), "{msg}");
 }
+
+/// `inbound.protocol: auto` (the default) sniffs after the TLS step: HTTP from a peer sidecar
+/// is served as HTTP, and opaque TCP over mTLS — or in plaintext under PERMISSIVE — reaches
+/// the app as bytes, with half-close, counted as TCP.
+#[tokio::test]
+async fn an_auto_inbound_tells_opaque_tcp_from_http() {
+    let pki = Pki::new();
+    let echo = echo_server().await;
+    let server_certs = pki.issue("tcp-echo");
+    // No protocol: `auto`. PERMISSIVE (Istio's default), so plaintext is accepted too.
+    let server = support::start_proxy(&sidecar("tcp-echo", Some(echo), &server_certs)).await;
+    let inbound = server.inbound_addr().unwrap();
+
+    // Plaintext opaque bytes straight to the inbound listener.
+    assert_eq!(
+        half_close_echo(inbound, b"\x00\x01 not http").await,
+        b"\x00\x01 not http"
+    );
+
+    // Over mTLS from a client sidecar's TCP egress listener.
+    let client_certs = pki.issue("sleep");
+    let (client, _) = start_with_ports(1, |p| {
+        format!(
+            "{}{}{}",
+            sidecar("sleep", None, &client_certs),
+            tcp_entry("tcp-echo", p[0], inbound, Some("tcp-echo")),
+            sidecar_resource(
+                "sleep",
+                &format!(
+                    "  egress:
+  - port: {{ number: {}, protocol: TCP, name: tcp }}
+    bind: 127.0.0.1
+    hosts: [\"./tcp-echo\"]
+",
+                    p[0]
+                )
+            )
+        )
+    })
+    .await;
+    let egress = client.egress_addrs();
+    let payload: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(half_close_echo(egress[0], &payload).await, payload);
+
+    let line = metric_line(
+        server.admin_addr(),
+        "istio_tcp_connections_opened_total",
+        &[
+            "reporter=\"destination\"",
+            "connection_security_policy=\"mutual_tls\"",
+            "source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\"",
+        ],
+    )
+    .await;
+    assert!(line.ends_with(" 1"), "{line}");
+    let line = metric_line(
+        server.admin_addr(),
+        "istio_tcp_connections_opened_total",
+        &[
+            "reporter=\"destination\"",
+            "connection_security_policy=\"none\"",
+        ],
+    )
+    .await;
+    assert!(line.ends_with(" 1"), "{line}");
+    client.shutdown().await;
+    server.shutdown().await;
+}
