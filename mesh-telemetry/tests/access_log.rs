@@ -318,11 +318,16 @@ async fn a_body_dropped_early_logs_once_with_dc() {
     });
     let svc = AccessLogLayer::new(log.clone()).layer(head);
     let req = Request::head("/").body(body::empty()).unwrap();
+    drop(svc.clone().oneshot(req).await.unwrap());
+    // Nor is a CONNECT's 200: a tunnel follows, not a body.
+    let req = Request::connect("echo:7000").body(body::empty()).unwrap();
     drop(svc.oneshot(req).await.unwrap());
     log.flush().await.unwrap();
 
     let lines = buf.json();
-    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert_eq!(lines[3]["method"], "CONNECT");
+    assert_eq!(lines[3]["response_flags"], "-");
     assert_eq!(lines[0]["response_flags"], "FI,DC");
     assert_eq!(lines[0]["response_code"], 503);
     assert_eq!(lines[0]["bytes_sent"], 6);

@@ -67,9 +67,11 @@ pub(crate) struct Entry {
 
 impl Entry {
     /// Whether the exchange has no response body to wait for, so dropping the body unread
-    /// is no sign of a client gone away (HEAD, 1xx, 204, 304).
+    /// is no sign of a client gone away (HEAD, 1xx, 204, 304, and a CONNECT's 2xx: what
+    /// follows is a tunnel, not a body).
     pub(crate) fn bodiless(&self) -> bool {
         (self.status != 0 && self.method == Method::HEAD)
+            || (self.method == Method::CONNECT && (200..300).contains(&self.status))
             || self.status == StatusCode::NO_CONTENT.as_u16()
             || self.status == StatusCode::NOT_MODIFIED.as_u16()
             || (100..200).contains(&self.status)

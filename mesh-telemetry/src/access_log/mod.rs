@@ -88,7 +88,7 @@
 //! - the response body ends (or the response has no body): the normal line;
 //! - the response body is dropped before its end: the line has the status sent and flag `DC`
 //!   (downstream connection termination), as Envoy logs a client that went away — except for
-//!   HEAD, 1xx, 204 and 304 responses, whose bodies are never read;
+//!   HEAD, 1xx, 204 and 304 responses and a CONNECT's 2xx, whose bodies are never read;
 //! - the response body fails: its `ProxyError`'s flags, else `UR` (the upstream reset);
 //! - the inner service fails: a [`ProxyError`] logs the status and flags the local reply
 //!   will carry; any other error logs status `0` (no response known to have been sent, as
