@@ -66,7 +66,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::header::{HOST, LOCATION};
+use http::header::LOCATION;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioExecutor;
@@ -398,14 +398,7 @@ impl HostRouter {
 
     /// `None` to pass the request on; `Some(reply)` to answer it here (404 NR, 301).
     fn admit<B>(&self, req: &Request<B>) -> Option<Response<BoxBody>> {
-        let authority = match req.uri().authority() {
-            Some(authority) => authority.as_str(),
-            None => req
-                .headers()
-                .get(HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or(""),
-        };
+        let authority = mesh_routing::request_authority(req);
         let host = split_authority(authority).map_or("", |(host, _)| host);
         let lowered;
         let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {

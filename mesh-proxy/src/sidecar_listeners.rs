@@ -55,7 +55,7 @@ use mesh_tls::credentials::Credentials;
 use mesh_tls::peer_auth::{DEFAULT_ROOT_NAMESPACE, PeerAuthenticationPolicy};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
 use crate::inbound::{self, AppProtocol};
 use crate::server::{self, HttpService, InboundTls, Transport};
@@ -540,35 +540,18 @@ async fn serve_egress_tcp(
     listener: TcpListener,
     egress: Arc<EgressTcp>,
     ctx: Arc<OutboundTcp>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
 ) {
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, remote)) => {
-                    let _ = stream.set_nodelay(true);
-                    conns.spawn(egress_connection(stream, remote, egress.clone(), ctx.clone()));
-                }
-                Err(e) => {
-                    tracing::warn!(listener = %egress.name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            _ = async { shutdown.wait_for(|stop| *stop).await.is_ok() } => break,
-        }
-    }
-    drop(listener);
-    let drained = tokio::time::timeout(drain_timeout, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(listener = %egress.name, open = conns.len(), "drain deadline passed: closing TCP connections");
-        conns.abort_all();
-    }
+    let name = egress.name.to_string();
+    crate::tcp::serve_connections(
+        &name,
+        listener,
+        move |stream, remote| egress_connection(stream, remote, egress.clone(), ctx.clone()),
+        shutdown,
+        drain_timeout,
+    )
+    .await
 }
 
 async fn egress_connection(

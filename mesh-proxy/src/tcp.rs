@@ -42,20 +42,46 @@ pub struct InboundTcp {
 pub async fn serve(
     listener: TcpListener,
     inbound: Arc<InboundTcp>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
 ) {
+    serve_connections(
+        "inbound",
+        listener,
+        move |stream, remote| {
+            let local = stream.local_addr().unwrap_or(remote);
+            connection(stream, remote, local, inbound.clone())
+        },
+        shutdown,
+        drain_timeout,
+    )
+    .await
+}
+
+/// The accept loop of an opaque-TCP listener: each connection runs `handle` in a task the
+/// loop owns, until `shutdown` turns true; then open connections get `drain_timeout` to end
+/// before they are cut.
+pub(crate) async fn serve_connections<F, Fut>(
+    name: &str,
+    listener: TcpListener,
+    handle: F,
+    mut shutdown: watch::Receiver<bool>,
+    drain_timeout: Duration,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
                     let _ = stream.set_nodelay(true);
-                    let local = stream.local_addr().unwrap_or(remote);
-                    conns.spawn(connection(stream, remote, local, inbound.clone()));
+                    conns.spawn(handle(stream, remote));
                 }
                 Err(e) => {
-                    tracing::warn!(listener = "inbound", error = %e, "accept failed");
+                    // Usually EMFILE: back off briefly rather than spin.
+                    tracing::warn!(listener = name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
@@ -71,7 +97,7 @@ pub async fn serve(
     .await;
     if drained.is_err() {
         tracing::warn!(
-            listener = "inbound",
+            listener = name,
             open = conns.len(),
             "drain deadline passed: closing TCP connections"
         );
