@@ -21,6 +21,8 @@
 //!   `info`, `warning`, `error`, `critical`, `off`) or a `RUST_LOG` directive.
 //! - The proxy's reloads show as `mesh_config_reloads_total{result="success"|"rejected"}` and
 //!   `mesh_config_last_reload_successful`.
+//! - Its connections as `mesh_downstream_connections_total{listener}` (accepted) and
+//!   `mesh_downstream_connections_active{listener}` (open now).
 //!
 //! Reads are GET (or HEAD) and mutations POST; the wrong method answers 405, as Envoy refuses
 //! mutations by GET.

@@ -1011,7 +1011,7 @@ pub async fn serve(
     gateway: Arc<GatewayListener>,
     stack: HttpService,
     config: ConfigSource,
-    limits: mesh_core::config::bootstrap::HttpLimits,
+    options: crate::server::ListenerOptions,
     mut shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
 ) {
@@ -1026,9 +1026,9 @@ pub async fn serve(
         gateway,
         stack,
         config,
-        builder: crate::server::http_builder(&limits),
+        builder: crate::server::http_builder(&options.limits),
         local,
-        idle_timeout: limits.idle_timeout.get(),
+        idle_timeout: options.limits.idle_timeout.get(),
     });
     let graceful = GracefulShutdown::new();
     let mut conns = JoinSet::new();
@@ -1037,7 +1037,12 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
                     let _ = stream.set_nodelay(true);
-                    conns.spawn(connection(shared.clone(), stream, remote, graceful.watcher()));
+                    let counted = options.opened("gateway");
+                    let conn = connection(shared.clone(), stream, remote, graceful.watcher());
+                    conns.spawn(async move {
+                        conn.await;
+                        drop(counted);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(listener = %shared.gateway.name, error = %e, "accept failed");

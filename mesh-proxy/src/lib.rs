@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod capture;
 pub mod cli;
+pub mod conn_metrics;
 pub mod detect;
 pub mod gateway;
 pub mod headers;

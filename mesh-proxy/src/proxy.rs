@@ -241,6 +241,12 @@ impl RunningProxy {
         let own_identity = credentials.as_ref().map(|c| c.identity());
         let shared = Arc::new(Shared::new(config.clone(), bootstrap, credentials.clone())?);
         crate::admin::register_proxy_metrics(&shared);
+        let options = server::ListenerOptions {
+            limits: limits.clone(),
+            connections: Some(crate::conn_metrics::ConnectionMetrics::register(
+                &shared.telemetry.metrics,
+            )),
+        };
         let (stop_admin, admin_stop_rx) = watch::channel(false);
         let (stop_listeners, stop_rx) = watch::channel(false);
         // The Gateways that select this proxy, certificates read: a bad one fails the start.
@@ -329,7 +335,7 @@ impl RunningProxy {
                 upstream.clone(),
             ),
             server::Transport::Captured(captured),
-            limits.clone(),
+            options.clone(),
             stop_rx.clone(),
             drain,
         ))];
@@ -349,7 +355,7 @@ impl RunningProxy {
                 gateway,
                 stack,
                 Arc::new(move || current.config()),
-                limits.clone(),
+                options.clone(),
                 stop_rx.clone(),
                 drain,
             )));
@@ -372,7 +378,7 @@ impl RunningProxy {
                 telemetry: &shared.telemetry,
                 rate_limit: rate_limit.as_ref(),
                 upstream: upstream.clone(),
-                limits: &limits,
+                listener: &options,
             },
             &stop_rx,
             drain,
@@ -396,7 +402,7 @@ impl RunningProxy {
                 metrics: shared.telemetry.tcp(),
             });
             let Some(protocol) = protocol else {
-                listeners.push(tokio::spawn(tcp::serve(listener, opaque, stop_rx, drain)));
+                listeners.push(tokio::spawn(tcp::serve(listener, opaque, options.clone(), stop_rx, drain)));
                 return addr;
             };
             // `auto` (Istio's protocol sniffing): HTTP by its first bytes, else opaque TCP.
@@ -419,7 +425,7 @@ impl RunningProxy {
                 listener,
                 stack,
                 transport,
-                limits.clone(),
+                options.clone(),
                 stop_rx,
                 drain,
             )));

@@ -97,7 +97,7 @@ pub async fn serve(
         listener,
         service,
         Transport::Plain,
-        HttpLimits::default(),
+        ListenerOptions::default(),
         shutdown,
         drain_timeout,
     )
@@ -110,6 +110,24 @@ pub async fn serve(
 /// upgrade cannot loosen them unnoticed.
 const HTTP2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
 const HTTP2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// How a listener serves: the Bootstrap's `limits`, and the proxy's connection counters
+/// (none for a stack served outside a proxy).
+#[derive(Clone, Debug, Default)]
+pub struct ListenerOptions {
+    pub limits: HttpLimits,
+    pub connections: Option<crate::conn_metrics::ConnectionMetrics>,
+}
+
+impl ListenerOptions {
+    /// Counts a connection accepted on `listener`, when this listener counts.
+    pub(crate) fn opened(
+        &self,
+        listener: &'static str,
+    ) -> Option<crate::conn_metrics::OpenConnection> {
+        self.connections.as_ref().map(|m| m.opened(listener))
+    }
+}
 
 /// hyper-util's server builder for one listener, with `limits` applied.
 pub fn http_builder(limits: &HttpLimits) -> auto::Builder<TokioExecutor> {
@@ -138,7 +156,7 @@ pub async fn serve_with(
     listener: TcpListener,
     service: HttpService,
     transport: Transport,
-    limits: HttpLimits,
+    options: ListenerOptions,
     mut shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
 ) {
@@ -149,8 +167,8 @@ pub async fn serve_with(
             return;
         }
     };
-    let builder = Arc::new(http_builder(&limits));
-    let idle_timeout = limits.idle_timeout.get();
+    let builder = Arc::new(http_builder(&options.limits));
+    let idle_timeout = options.limits.idle_timeout.get();
     let graceful = GracefulShutdown::new();
 
     loop {
@@ -166,6 +184,7 @@ pub async fn serve_with(
                         builder: builder.clone(),
                         watcher: graceful.watcher(),
                         idle_timeout,
+                        _counted: options.opened(name),
                     };
                     match &transport {
                         Transport::Plain => {
@@ -263,6 +282,8 @@ struct Connection {
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: hyper_util::server::graceful::Watcher,
     idle_timeout: Duration,
+    /// Counted as active for as long as the connection is served.
+    _counted: Option<crate::conn_metrics::OpenConnection>,
 }
 
 impl Connection {

@@ -168,8 +168,8 @@ pub(crate) struct Context<'a> {
     pub telemetry: &'a Telemetry,
     pub rate_limit: Option<&'a RateLimitSettings>,
     pub upstream: Upstream,
-    /// The Bootstrap's `limits`, for the HTTP listeners.
-    pub limits: &'a mesh_core::config::bootstrap::HttpLimits,
+    /// The Bootstrap's `limits` and the proxy's connection counters.
+    pub listener: &'a server::ListenerOptions,
 }
 
 impl SidecarListeners {
@@ -253,7 +253,7 @@ impl SidecarListeners {
                     bound.listener,
                     ctx.outbound_http.clone(),
                     Transport::Plain,
-                    ctx.limits.clone(),
+                    ctx.listener.clone(),
                     stop.clone(),
                     drain,
                 )),
@@ -261,6 +261,7 @@ impl SidecarListeners {
                     bound.listener,
                     egress,
                     ctx.outbound_tcp.clone(),
+                    ctx.listener.clone(),
                     stop.clone(),
                     drain,
                 )),
@@ -278,7 +279,13 @@ impl SidecarListeners {
                                 authz: ctx.authz.clone(),
                                 metrics: ctx.telemetry.tcp(),
                             });
-                            tokio::spawn(tcp::serve(bound.listener, inbound, stop.clone(), drain))
+                            tokio::spawn(tcp::serve(
+                                bound.listener,
+                                inbound,
+                                ctx.listener.clone(),
+                                stop.clone(),
+                                drain,
+                            ))
                         }
                         Some(protocol) => {
                             let stack = inbound::stack(
@@ -295,7 +302,7 @@ impl SidecarListeners {
                                 bound.listener,
                                 stack,
                                 Transport::Inbound(tls),
-                                ctx.limits.clone(),
+                                ctx.listener.clone(),
                                 stop.clone(),
                                 drain,
                             ))
@@ -540,13 +547,14 @@ async fn serve_egress_tcp(
     listener: TcpListener,
     egress: Arc<EgressTcp>,
     ctx: Arc<OutboundTcp>,
+    options: server::ListenerOptions,
     shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
 ) {
-    let name = egress.name.to_string();
     crate::tcp::serve_connections(
-        &name,
+        "sidecar egress",
         listener,
+        options,
         move |stream, remote| egress_connection(stream, remote, egress.clone(), ctx.clone()),
         shutdown,
         drain_timeout,

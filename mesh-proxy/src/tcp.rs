@@ -42,12 +42,14 @@ pub struct InboundTcp {
 pub async fn serve(
     listener: TcpListener,
     inbound: Arc<InboundTcp>,
+    options: crate::server::ListenerOptions,
     shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
 ) {
     serve_connections(
         "inbound",
         listener,
+        options,
         move |stream, remote| {
             let local = stream.local_addr().unwrap_or(remote);
             connection(stream, remote, local, inbound.clone())
@@ -62,8 +64,9 @@ pub async fn serve(
 /// loop owns, until `shutdown` turns true; then open connections get `drain_timeout` to end
 /// before they are cut.
 pub(crate) async fn serve_connections<F, Fut>(
-    name: &str,
+    name: &'static str,
     listener: TcpListener,
+    options: crate::server::ListenerOptions,
     handle: F,
     mut shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
@@ -77,7 +80,12 @@ pub(crate) async fn serve_connections<F, Fut>(
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
                     let _ = stream.set_nodelay(true);
-                    conns.spawn(handle(stream, remote));
+                    let counted = options.opened(name);
+                    let conn = handle(stream, remote);
+                    conns.spawn(async move {
+                        conn.await;
+                        drop(counted);
+                    });
                 }
                 Err(e) => {
                     // Usually EMFILE: back off briefly rather than spin.

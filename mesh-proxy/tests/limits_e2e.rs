@@ -127,3 +127,63 @@ spec:
     assert!(err.contains("spec.limits.maxRequestHeadersBytes"), "{err}");
     assert!(err.contains("spec.limits.maxRequestHeaders"), "{err}");
 }
+
+/// The proxy's own connection counters: accepted per listener, and open now.
+#[tokio::test]
+async fn connections_are_counted_per_listener() {
+    let app = App::start("reviews").await;
+    let proxy = support::start_proxy(&config(app.addr)).await;
+    let out = proxy.outbound_addr().unwrap();
+    let admin = proxy.admin_addr();
+    let metric = |text: &str, line: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let metrics = || async {
+        let resp = support::http1_client()
+            .request(support::get(admin, "admin", "/metrics"))
+            .await
+            .unwrap();
+        support::text(resp).await
+    };
+
+    // One connection held open, three that close after their request.
+    let mut held = TcpStream::connect(out).await.unwrap();
+    held.write_all(b"GET / HTTP/1.1\r\nHost: reviews:9080\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = [0u8; 12];
+    held.read_exact(&mut got).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(status_line(out, &request("")).await, "HTTP/1.1 200 OK");
+    }
+    let total = "mesh_downstream_connections_total{listener=\"outbound\"} ";
+    let active = "mesh_downstream_connections_active{listener=\"outbound\"} ";
+    let started = Instant::now();
+    loop {
+        let text = metrics().await;
+        if metric(&text, total) == Some(4) && metric(&text, active) == Some(1) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "expected 4 accepted and 1 open:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(held);
+    let started = Instant::now();
+    loop {
+        let text = metrics().await;
+        if metric(&text, active) == Some(0) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the closed connection is still counted open:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.shutdown().await;
+}
