@@ -160,8 +160,9 @@ impl fmt::Display for TunnelName {
 
 /// Joins the client's connection (once hyper hands it over) to the endpoint's (once
 /// `upstream` yields it) and copies bytes both ways until both directions have ended,
-/// passing on each side's end of stream as a write shutdown to the other (half-close).
-/// `hold` (the cluster's connection slot) is released when the tunnel ends.
+/// passing on each side's end of stream as a write shutdown to the other (half-close), or
+/// until it has been idle an hour. `hold` (the cluster's connection slot) is released when
+/// the tunnel ends.
 pub async fn splice<U, E, H>(
     downstream: OnUpgrade,
     upstream: impl Future<Output = Result<U, E>>,
@@ -185,17 +186,27 @@ pub async fn splice<U, E, H>(
             return;
         }
     };
-    let mut client = TokioIo::new(client);
-    match tokio::io::copy_bidirectional(&mut client, &mut server).await {
-        Ok((sent, received)) => {
-            tracing::debug!(tunnel = %name, sent, received, "tunnel closed");
-        }
-        Err(e) => {
-            tracing::debug!(tunnel = %name, error = %e, "tunnel ended with an error");
+    // Every byte of the tunnel crosses the client side, so tracking it sees both directions.
+    let (mut client, activity) = crate::idle::Tracked::new(TokioIo::new(client));
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut server) => match copied {
+            Ok((sent, received)) => {
+                tracing::debug!(tunnel = %name, sent, received, "tunnel closed");
+            }
+            Err(e) => {
+                tracing::debug!(tunnel = %name, error = %e, "tunnel ended with an error");
+            }
+        },
+        () = activity.idle_for(TUNNEL_IDLE_TIMEOUT) => {
+            tracing::debug!(tunnel = %name, "idle tunnel closed");
         }
     }
     drop(hold);
 }
+
+/// A tunnel with no byte either way for this long is closed: Istio's idle timeout for
+/// connections (1 h), as for opaque TCP.
+const TUNNEL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 #[cfg(test)]
 mod tests {
