@@ -6,10 +6,12 @@
 //! A field that is absent in the policy is simply not stored, so evaluation only walks what
 //! the policy wrote.
 
+use std::cell::OnceCell;
 use std::sync::Arc;
 
 use http::HeaderName;
 use ipnet::IpNet;
+use mesh_core::Identity;
 use mesh_core::config::AuthorizationPolicy;
 use mesh_core::config::security::{AuthorizationAction, Condition, Operation, Rule, RuleSource};
 
@@ -99,17 +101,89 @@ impl CompiledPolicy {
     }
 
     /// Any rule matches. No rules: nothing matches.
-    pub(crate) fn matches(&self, req: &AuthzRequest<'_>, allow: bool) -> bool {
-        self.rules.iter().any(|r| r.matches(req, allow))
+    pub(crate) fn matches(&self, req: &AuthzRequest<'_>, peer: &Peer<'_>, allow: bool) -> bool {
+        self.rules.iter().any(|r| r.matches(req, peer, allow))
+    }
+
+    /// A necessary condition on the peer's principal: `Some(patterns)` when the policy can
+    /// only match a request whose peer principal matches one of `patterns` (so a request
+    /// without a peer, or whose principal matches none of them, cannot match); `None` when
+    /// some rule can match without a positive principal test.
+    ///
+    /// Why it is sound: a rule matches only when every field of its `when` holds and, if it
+    /// has `from` entries, every field of one of them holds. A positive (`negate: false`)
+    /// `Principal` field holds only for a peer whose principal matches one of its patterns
+    /// (no peer: it does not hold, whatever the protocol; HTTP-only fields are the only
+    /// ones ignored for TCP). So a rule with such a field in `when` needs one of that
+    /// field's patterns; a rule whose every `from` entry has one needs one pattern of those
+    /// fields' union; a policy needs the union over its rules, and one without rules,
+    /// which matches nothing, needs an empty set.
+    pub(crate) fn principal_gate(&self) -> Option<Vec<&StrMatch>> {
+        let mut gate = Vec::new();
+        for rule in &self.rules {
+            if let Some(list) = positive_principals(&rule.when) {
+                gate.extend(list);
+                continue;
+            }
+            if rule.from.is_empty() {
+                return None;
+            }
+            for source in &rule.from {
+                gate.extend(positive_principals(source)?);
+            }
+        }
+        Some(gate)
+    }
+}
+
+/// The patterns of the first positive principal test of `fields`. The fields of one group
+/// must all hold, so any one such test is a necessary condition for the group.
+fn positive_principals(fields: &[Field]) -> Option<&[StrMatch]> {
+    fields.iter().find_map(|f| match &f.test {
+        Test::Principal(list) if !f.negate => Some(&**list),
+        _ => None,
+    })
+}
+
+/// The peer's attributes, read once per evaluation rather than once per field.
+pub(crate) struct Peer<'a> {
+    identity: Option<&'a Identity>,
+    /// Istio's principal form (no `spiffe://`).
+    principal: Option<&'a [u8]>,
+    /// `(namespace, service account)` of an Istio-shaped identity, parsed on the first
+    /// namespace or service-account test, at most once per evaluation.
+    istio: OnceCell<Option<(&'a str, &'a str)>>,
+}
+
+impl<'a> Peer<'a> {
+    pub(crate) fn new(identity: Option<&'a Identity>) -> Peer<'a> {
+        Peer {
+            identity,
+            principal: identity.map(|p| p.principal().as_bytes()),
+            istio: OnceCell::new(),
+        }
+    }
+
+    pub(crate) fn principal(&self) -> Option<&'a [u8]> {
+        self.principal
+    }
+
+    /// `namespace()` and `service_account()` are both set exactly when the identity's path
+    /// is Istio's `/ns/<ns>/sa/<sa>`, so the pair stands for either.
+    fn istio(&self) -> Option<(&'a str, &'a str)> {
+        *self.istio.get_or_init(|| {
+            let p = self.identity?;
+            Some((p.namespace()?, p.service_account()?))
+        })
     }
 }
 
 impl CompiledRule {
-    fn matches(&self, req: &AuthzRequest<'_>, allow: bool) -> bool {
+    fn matches(&self, req: &AuthzRequest<'_>, peer: &Peer<'_>, allow: bool) -> bool {
         if allow && self.http_only && req.http.is_none() {
             return false;
         }
-        let all = |fields: &[Field]| fields.iter().all(|f| f.matches(req));
+        let all = |fields: &[Field]| fields.iter().all(|f| f.matches(req, peer));
         (self.from.is_empty() || self.from.iter().any(|s| all(s)))
             && (self.to.is_empty() || self.to.iter().any(|o| all(o)))
             && all(&self.when)
@@ -117,15 +191,14 @@ impl CompiledRule {
 }
 
 impl Field {
-    fn matches(&self, req: &AuthzRequest<'_>) -> bool {
-        let peer = req.peer;
+    fn matches(&self, req: &AuthzRequest<'_>, peer: &Peer<'_>) -> bool {
         let hit = match &self.test {
-            Test::Principal(list) => peer.is_some_and(|p| any_str(list, p.principal().as_bytes())),
+            Test::Principal(list) => peer.principal().is_some_and(|p| any_str(list, p)),
             Test::Namespace(list) => peer
-                .and_then(|p| p.namespace())
-                .is_some_and(|ns| any_str(list, ns.as_bytes())),
+                .istio()
+                .is_some_and(|(ns, _)| any_str(list, ns.as_bytes())),
             Test::ServiceAccount(list) => peer
-                .and_then(|p| Some((p.namespace()?, p.service_account()?)))
+                .istio()
                 .is_some_and(|(ns, sa)| list.iter().any(|(n, s)| **n == *ns && **s == *sa)),
             Test::SourceIp(nets) => any_net(nets, req.source_ip),
             Test::DestinationIp(nets) => any_net(nets, req.destination_ip),

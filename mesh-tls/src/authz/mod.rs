@@ -74,7 +74,12 @@
 //!   would apply to this workload and compiles every rule into small matcher enums
 //!   (strings split into exact/prefix/suffix/any, hosts lower-cased, CIDRs parsed, header
 //!   names built); [`AuthorizationPolicies::evaluate`] walks vectors and allocates nothing
-//!   (a header sent several times is joined once, as Envoy matches it). The proxy keeps the
+//!   (a header sent several times is joined once, as Envoy matches it). The peer's principal
+//!   is read once per evaluation, its namespace and service account parsed at most once.
+//! - **Indexed by principal.** Each action's policies are indexed by the peer principals
+//!   they require (exact, prefix, suffix, `*`), so a request checks only the policies its
+//!   peer can match, plus those that name no principal; the first match in config order is
+//!   still the one reported (see `index.rs` for why that is exact). The proxy keeps the
 //!   result in an `ArcSwap` next to its config and swaps it on reload; each request loads
 //!   the current one.
 //! - **Selection** (Istio): a policy in the root namespace (`istio-system`, see
@@ -122,6 +127,7 @@
 //!   and DENY/AUDIT drop the field, Istio's own fallback: both deny more, never less.
 
 mod compile;
+mod index;
 mod layer;
 mod matcher;
 #[cfg(test)]
@@ -134,16 +140,17 @@ use mesh_core::config::security::AuthorizationAction;
 use mesh_core::config::{AuthorizationPolicy, MeshConfig};
 use mesh_core::{Identity, Labels};
 
-use compile::CompiledPolicy;
+use compile::{CompiledPolicy, Peer};
+use index::PolicySet;
 
 pub use layer::{Authz, AuthzLayer, DENIED_BODY, ResponseFuture};
 
 /// The authorization policies of one workload, compiled; see the module docs.
 #[derive(Debug, Default)]
 pub struct AuthorizationPolicies {
-    deny: Vec<CompiledPolicy>,
-    allow: Vec<CompiledPolicy>,
-    audit: Vec<CompiledPolicy>,
+    deny: PolicySet,
+    allow: PolicySet,
+    audit: PolicySet,
 }
 
 /// What a request or connection is, for authorization.
@@ -210,12 +217,12 @@ impl AuthorizationPolicies {
     pub fn compile<'a>(
         policies: impl IntoIterator<Item = &'a AuthorizationPolicy>,
     ) -> AuthorizationPolicies {
-        let mut out = AuthorizationPolicies::default();
+        let (mut deny, mut allow, mut audit) = (Vec::new(), Vec::new(), Vec::new());
         for policy in policies {
             let list = match policy.spec.action {
-                AuthorizationAction::Allow => &mut out.allow,
-                AuthorizationAction::Deny => &mut out.deny,
-                AuthorizationAction::Audit => &mut out.audit,
+                AuthorizationAction::Allow => &mut allow,
+                AuthorizationAction::Deny => &mut deny,
+                AuthorizationAction::Audit => &mut audit,
                 AuthorizationAction::Custom => {
                     tracing::warn!(
                         policy = %format_args!("{}/{}", policy.namespace(), policy.name()),
@@ -226,7 +233,11 @@ impl AuthorizationPolicies {
             };
             list.push(CompiledPolicy::compile(policy));
         }
-        out
+        AuthorizationPolicies {
+            deny: PolicySet::new(deny),
+            allow: PolicySet::new(allow),
+            audit: PolicySet::new(audit),
+        }
     }
 
     /// No policy applies: every request is allowed, and the layer may be left out.
@@ -241,8 +252,9 @@ impl AuthorizationPolicies {
 
     /// Decides a request: DENY, then ALLOW; AUDIT only marks. See the module docs.
     pub fn evaluate(&self, req: &AuthzRequest<'_>) -> Decision {
-        let audited = self.audit.iter().any(|p| p.matches(req, false));
-        if let Some(p) = self.deny.iter().find(|p| p.matches(req, false)) {
+        let peer = Peer::new(req.peer);
+        let audited = self.audit.first_match(req, &peer, false).is_some();
+        if let Some(p) = self.deny.first_match(req, &peer, false) {
             return Decision {
                 allowed: false,
                 policy: Some(p.name.clone()),
@@ -256,7 +268,7 @@ impl AuthorizationPolicies {
                 audited,
             };
         }
-        let allowed_by = self.allow.iter().find(|p| p.matches(req, true));
+        let allowed_by = self.allow.first_match(req, &peer, true);
         Decision {
             allowed: allowed_by.is_some(),
             policy: allowed_by.map(|p| p.name.clone()),

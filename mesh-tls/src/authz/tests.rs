@@ -539,3 +539,342 @@ fn path_templates_in_policies() {
     assert!(Req::new().path("/static/css/a.css").allowed(&p));
     assert!(!Req::new().path("/books").allowed(&p));
 }
+
+// The principal index (`index.rs`): it only narrows which policies are checked, so every
+// decision below must be the one a scan of all policies in config order gives.
+
+/// Decides with the index, and asserts the scan without it agrees on every action.
+fn decide_checked(p: &AuthorizationPolicies, r: &Req) -> Decision {
+    let req = AuthzRequest {
+        peer: r.peer.as_ref(),
+        source_ip: r.source,
+        destination_ip: r.dest,
+        destination_port: r.port,
+        http: r.http.then_some(HttpAttributes {
+            method: r.method,
+            path: r.path,
+            host: r.host,
+            headers: &r.headers,
+        }),
+    };
+    let peer = Peer::new(req.peer);
+    for (set, allow) in [(&p.deny, false), (&p.allow, true), (&p.audit, false)] {
+        let indexed = set.first_match(&req, &peer, allow).map(|c| c.name.clone());
+        let scanned = set
+            .scan_first_match(&req, &peer, allow)
+            .map(|c| c.name.clone());
+        assert_eq!(indexed, scanned, "peer {:?}", r.peer);
+    }
+    p.evaluate(&req)
+}
+
+fn allow_from(name: &str, principals: &str, rest: &str) -> String {
+    ap(
+        name,
+        &format!("  rules: [{{from: [{{source: {{principals: {principals}}}}}]{rest}}}]"),
+    )
+}
+
+#[test]
+fn index_keeps_config_order_across_gated_and_ungated_policies() {
+    let yaml = [
+        // Ungated (no principal), but only for /open.
+        ap("open", "  rules: [{to: [{operation: {paths: [/open]}}]}]"),
+        allow_from(
+            "suffix-a",
+            "[\"*/sa/a\"]",
+            ", to: [{operation: {paths: [/a]}}]",
+        ),
+        allow_from("exact-a", &format!("[\"{A}\"]"), ""),
+        allow_from("prefix-foo", "[\"cluster.local/ns/foo/*\"]", ""),
+        allow_from("any", "[\"*\"]", ""),
+        // Ungated, matches everything: reported only when nothing earlier matches.
+        ap("last", "  rules: [{}]"),
+    ]
+    .concat();
+    let p = policies(&yaml);
+    assert_eq!(p.allow.ungated_len(), 2);
+    let by = |r: Req| decide_checked(&p, &r).policy;
+    assert_eq!(
+        by(Req::new().peer(A).path("/open")).as_deref(),
+        Some("foo/open")
+    );
+    assert_eq!(
+        by(Req::new().peer(A).path("/a")).as_deref(),
+        Some("foo/suffix-a")
+    );
+    assert_eq!(by(Req::new().peer(A)).as_deref(), Some("foo/exact-a"));
+    assert_eq!(
+        by(Req::new().peer("cluster.local/ns/foo/sa/c")).as_deref(),
+        Some("foo/prefix-foo")
+    );
+    assert_eq!(by(Req::new().peer(B)).as_deref(), Some("foo/any"));
+    assert_eq!(
+        by(Req::new()).as_deref(),
+        Some("foo/last"),
+        "no peer: ungated only"
+    );
+    assert_eq!(by(Req::new().path("/open")).as_deref(), Some("foo/open"));
+}
+
+#[test]
+fn index_not_principals_and_mixed_rules_stay_ungated() {
+    let yaml = [
+        ap(
+            "not-a",
+            &format!("  rules: [{{from: [{{source: {{notPrincipals: [\"{A}\"]}}}}]}}]"),
+        ),
+        // principals in one `from` entry only: the other entry matches any peer.
+        ap(
+            "one-source",
+            &format!(
+                "  rules: [{{from: [{{source: {{principals: [\"{A}\"]}}}}, {{source: {{ipBlocks: [10.0.0.9]}}}}]}}]"
+            ),
+        ),
+        // A gated rule and an ungated one.
+        ap(
+            "two-rules",
+            &format!(
+                "  rules: [{{from: [{{source: {{principals: [\"{A}\"]}}}}]}}, {{to: [{{operation: {{paths: [/two]}}}}]}}]"
+            ),
+        ),
+        // principals and notPrincipals together: gated by the positive list.
+        ap(
+            "both",
+            "  rules: [{from: [{source: {principals: [\"cluster.local/*\"], notPrincipals: [\"*/sa/a\"]}}]}]",
+        ),
+    ]
+    .concat();
+    let p = policies(&yaml);
+    assert_eq!(p.allow.ungated_len(), 3);
+    let by = |r: Req| decide_checked(&p, &r).policy;
+    assert_eq!(by(Req::new()).as_deref(), Some("foo/not-a"));
+    assert_eq!(by(Req::new().peer(B)).as_deref(), Some("foo/not-a"));
+    assert_eq!(
+        by(Req::new().peer(A).source("10.0.0.9")).as_deref(),
+        Some("foo/one-source")
+    );
+    assert_eq!(
+        by(Req::new().peer(A).path("/two")).as_deref(),
+        Some("foo/one-source")
+    );
+    // No peer: `notPrincipals` holds, and `not-a` comes first.
+    assert_eq!(by(Req::new().path("/two")).as_deref(), Some("foo/not-a"));
+    assert_eq!(
+        by(Req::new().source("10.0.0.9")).as_deref(),
+        Some("foo/not-a")
+    );
+    let p = policies(&yaml.replace("name: not-a,", "name: not-a-off,").replace(
+        &format!("notPrincipals: [\"{A}\"]"),
+        "notPrincipals: [\"*\"], principals: [\"none/*\"]",
+    ));
+    assert_eq!(p.allow.ungated_len(), 2);
+    assert_eq!(
+        by_name(&p, Req::new().peer("cluster.local/ns/x/sa/a")),
+        None,
+        "excluded by `both`'s notPrincipals"
+    );
+    assert_eq!(
+        by_name(&p, Req::new().path("/two")).as_deref(),
+        Some("foo/two-rules")
+    );
+    assert_eq!(
+        by_name(&p, Req::new().source("10.0.0.9")).as_deref(),
+        Some("foo/one-source")
+    );
+    assert_eq!(
+        by_name(&p, Req::new().peer("cluster.local/ns/x/sa/b")).as_deref(),
+        Some("foo/both")
+    );
+}
+
+fn by_name(p: &AuthorizationPolicies, r: Req) -> Option<Arc<str>> {
+    decide_checked(p, &r).policy
+}
+
+#[test]
+fn index_wildcards_prefixes_and_suffixes_of_many_lengths() {
+    let yaml = [
+        allow_from("star", "[\"*\"]", ", to: [{operation: {paths: [/star]}}]"),
+        allow_from(
+            "short-prefix",
+            "[\"c*\"]",
+            ", to: [{operation: {paths: [/c]}}]",
+        ),
+        allow_from(
+            "long-prefix",
+            "[\"cluster.local/ns/foo/sa/a-very-long-name*\"]",
+            "",
+        ),
+        allow_from("short-suffix", "[\"*b\"]", ""),
+        allow_from("long-suffix", "[\"*x.cluster.local/ns/foo/sa/a\"]", ""),
+        // A `*` in the middle is literal: exact.
+        allow_from("middle", "[\"cluster.local/ns/*/sa/a\"]", ""),
+        allow_from("same-twice", &format!("[\"{A}\", \"{A}\", \"*/sa/a\"]"), ""),
+    ]
+    .concat();
+    let p = policies(&yaml);
+    assert_eq!(p.allow.ungated_len(), 0);
+    let by = |r: Req| by_name(&p, r);
+    assert_eq!(
+        by(Req::new().peer(A).path("/star")).as_deref(),
+        Some("foo/star")
+    );
+    assert_eq!(
+        by(Req::new().peer("x/y").path("/star")).as_deref(),
+        Some("foo/star")
+    );
+    assert_eq!(by(Req::new().path("/star")), None, "`*` needs a peer");
+    assert_eq!(
+        by(Req::new().peer(A).path("/c")).as_deref(),
+        Some("foo/short-prefix")
+    );
+    assert_eq!(
+        by(Req::new().peer("cluster.local/ns/foo/sa/a-very-long-name-2")).as_deref(),
+        Some("foo/long-prefix")
+    );
+    assert_eq!(by(Req::new().peer(B)).as_deref(), Some("foo/short-suffix"));
+    assert_eq!(
+        by(Req::new().peer("y.cluster.local/ns/foo/sa/a")).as_deref(),
+        Some("foo/same-twice"),
+        "long-suffix needs its first byte too"
+    );
+    assert_eq!(
+        by(Req::new().peer("x.cluster.local/ns/foo/sa/a")).as_deref(),
+        Some("foo/long-suffix")
+    );
+    assert_eq!(
+        by(Req::new().peer("xx.cluster.local/ns/foo/sa/a")).as_deref(),
+        Some("foo/long-suffix")
+    );
+    assert_eq!(by(Req::new().peer(A)).as_deref(), Some("foo/same-twice"));
+    assert_eq!(by(Req::new().peer("cluster.local/ns/foo/sa/c")), None);
+    // Shorter than every prefix and suffix.
+    assert_eq!(by(Req::new().peer("d")), None);
+    assert_eq!(by(Req::new().peer("c")), None, "c* needs /c");
+    assert_eq!(
+        by(Req::new().peer("c").path("/c")).as_deref(),
+        Some("foo/short-prefix")
+    );
+}
+
+#[test]
+fn index_deny_still_wins_and_audit_still_marks() {
+    let yaml = [
+        allow_from("allow-a", &format!("[\"{A}\"]"), ""),
+        allow_from("allow-any", "[\"*\"]", ""),
+        ap(
+            "deny-ns-foo",
+            "  action: DENY\n  rules: [{from: [{source: {principals: [\"cluster.local/ns/foo/*\"]}}], to: [{operation: {paths: [\"/admin*\"]}}]}]",
+        ),
+        ap(
+            "deny-by-condition",
+            &format!(
+                "  action: DENY\n  rules: [{{when: [{{key: source.principal, values: [\"{B}\"]}}]}}]"
+            ),
+        ),
+        ap(
+            "audit-a",
+            &format!("  action: AUDIT\n  rules: [{{from: [{{source: {{principals: [\"{A}\"]}}}}]}}]"),
+        ),
+    ]
+    .concat();
+    let p = policies(&yaml);
+    assert_eq!(p.deny.ungated_len(), 0);
+    let d = decide_checked(&p, &Req::new().peer(A).path("/admin/x"));
+    assert_eq!(
+        (d.allowed, d.policy.as_deref(), d.audited),
+        (false, Some("foo/deny-ns-foo"), true)
+    );
+    let d = decide_checked(&p, &Req::new().peer(A));
+    assert_eq!(
+        (d.allowed, d.policy.as_deref(), d.audited),
+        (true, Some("foo/allow-a"), true)
+    );
+    let d = decide_checked(&p, &Req::new().peer(B));
+    assert_eq!(
+        (d.allowed, d.policy.as_deref(), d.audited),
+        (false, Some("foo/deny-by-condition"), false)
+    );
+    let d = decide_checked(&p, &Req::new().peer("cluster.local/ns/bar/sa/c").tcp());
+    assert_eq!(
+        (d.allowed, d.policy.as_deref()),
+        (true, Some("foo/allow-any"))
+    );
+    let d = decide_checked(&p, &Req::new());
+    assert_eq!((d.allowed, d.policy, d.audited), (false, None, false));
+}
+
+/// Every combination of a set of policies and a set of peers and requests decides as the
+/// scan of all policies does (`decide_checked` asserts it for every action).
+#[test]
+fn index_agrees_with_a_full_scan() {
+    let patterns = [
+        "*",
+        A,
+        B,
+        "cluster.local/*",
+        "cluster.local/ns/foo/*",
+        "cluster.local/ns/foo/sa/*",
+        "*/sa/a",
+        "*/sa/b",
+        "*a",
+        "other.domain/ns/foo/sa/a",
+    ];
+    let mut yaml = String::new();
+    for (i, pattern) in patterns.iter().enumerate() {
+        for (j, action) in ["ALLOW", "DENY", "AUDIT"].iter().enumerate() {
+            let path = ["/x", "/y", "/admin"][(i + j) % 3];
+            yaml.push_str(&ap(
+                &format!("{action}-{i}-from").to_lowercase(),
+                &format!(
+                    "  action: {action}\n  rules: [{{from: [{{source: {{principals: [\"{pattern}\"]}}}}], to: [{{operation: {{paths: [{path}]}}}}]}}]"
+                ),
+            ));
+            yaml.push_str(&ap(
+                &format!("{action}-{i}-when").to_lowercase(),
+                &format!(
+                    "  action: {action}\n  rules: [{{when: [{{key: source.principal, values: [\"{pattern}\"]}}, {{key: destination.port, values: [\"{}\"]}}]}}]",
+                    9000 + i
+                ),
+            ));
+            yaml.push_str(&ap(
+                &format!("{action}-{i}-not").to_lowercase(),
+                &format!(
+                    "  action: {action}\n  rules: [{{from: [{{source: {{notPrincipals: [\"{pattern}\"]}}}}], to: [{{operation: {{ports: [\"{}\"]}}}}]}}]",
+                    9100 + i
+                ),
+            ));
+        }
+    }
+    let p = policies(&yaml);
+    assert_eq!(p.len(), patterns.len() * 9);
+    let peers = [
+        None,
+        Some(A),
+        Some(B),
+        Some("other.domain/ns/foo/sa/a"),
+        Some("cluster.local/ns/baz/sa/qa"),
+        Some("x"),
+    ];
+    let mut decisions = std::collections::HashSet::new();
+    for peer in peers {
+        for path in ["/x", "/y", "/admin", "/z"] {
+            for port in [8080, 9000, 9003, 9100, 9106] {
+                for tcp in [false, true] {
+                    let mut r = Req::new().path(path).port(port);
+                    if let Some(peer) = peer {
+                        r = r.peer(peer);
+                    }
+                    if tcp {
+                        r = r.tcp();
+                    }
+                    let d = decide_checked(&p, &r);
+                    decisions.insert((d.allowed, d.policy, d.audited));
+                }
+            }
+        }
+    }
+    // The cases reach many different deciding policies, allowed and denied.
+    assert!(decisions.len() >= 10, "{}", decisions.len());
+}
