@@ -2,7 +2,9 @@
 //! both stacks (`reporter="source"` outbound, `"destination"` inbound), and, when the
 //! Bootstrap has `tracing`, one span per request (CLIENT outbound, SERVER inbound) with W3C
 //! and B3 propagation and OTLP export; when it has `accessLog`, one line per request. Order:
-//! access log, metrics, span, then the rest (DESIGN.md's request path).
+//! access log, metrics, span, then the rest (DESIGN.md's request path). The three run as one
+//! layer, `mesh_telemetry::combined::TelemetryLayer`, which does what they do stacked with
+//! the bodies wrapped (and boxed) once instead of once per layer.
 //!
 //! The layers sit just inside `LocalReply` and `ProxyHeaders`: they see every failure as the
 //! `ProxyError` `LocalReply` will answer with (status and flags), and the `x-request-id`
@@ -17,6 +19,7 @@ use mesh_core::body::{self, BoxBody, BoxError};
 use mesh_core::config::{Bootstrap, MeshConfig};
 use mesh_core::{HostName, Identity};
 use mesh_telemetry::access_log::{AccessLog, AccessLogError, AccessLogLayer};
+use mesh_telemetry::combined::TelemetryLayer;
 use mesh_telemetry::metrics::{Metrics, MetricsLayer, ServiceResolver, TcpMetrics, WorkloadInfo};
 use mesh_telemetry::trace::{TraceLayer, Tracing, TracingError};
 
@@ -102,72 +105,46 @@ impl Telemetry {
 
     /// Wraps the outbound stack below the telemetry layers.
     pub fn outbound(&self, inner: Inner) -> Inner {
-        let logged = self
-            .access_log
-            .as_ref()
-            .map(|log| AccessLogLayer::new(log.clone()));
-        self.logged(
-            logged,
-            BoxCloneSyncService::new(
-                ServiceBuilder::new()
-                    .map_response(|r: Response<_>| r.map(body::boxed))
-                    .layer(MetricsLayer::outbound(
-                        self.metrics.clone(),
-                        self.workload.clone(),
-                    ))
-                    .map_request(|r: Request<_>| r.map(body::boxed))
-                    .service(self.traced(inner, TraceLayer::client)),
-            ),
+        self.wrap(
+            inner,
+            MetricsLayer::outbound(self.metrics.clone(), self.workload.clone()),
+            TraceLayer::client,
+            self.access_log
+                .as_ref()
+                .map(|log| AccessLogLayer::new(log.clone())),
         )
     }
 
     /// Wraps the inbound stack below the telemetry layers.
     pub fn inbound(&self, inner: Inner) -> Inner {
-        let logged = self
-            .access_log
-            .as_ref()
-            .map(|log| AccessLogLayer::inbound(log.clone(), self.app_port));
-        self.logged(
-            logged,
-            BoxCloneSyncService::new(
-                ServiceBuilder::new()
-                    .map_response(|r: Response<_>| r.map(body::boxed))
-                    .layer(MetricsLayer::inbound(
-                        self.metrics.clone(),
-                        self.workload.clone(),
-                        self.resolver(),
-                    ))
-                    .map_request(|r: Request<_>| r.map(body::boxed))
-                    .service(self.traced(inner, TraceLayer::server)),
-            ),
+        self.wrap(
+            inner,
+            MetricsLayer::inbound(self.metrics.clone(), self.workload.clone(), self.resolver()),
+            TraceLayer::server,
+            self.access_log
+                .as_ref()
+                .map(|log| AccessLogLayer::inbound(log.clone(), self.app_port)),
         )
     }
 
-    /// `inner` under `layer`, when the access log is on.
-    fn logged(&self, layer: Option<AccessLogLayer>, inner: Inner) -> Inner {
-        match layer {
-            None => inner,
-            Some(layer) => BoxCloneSyncService::new(
-                ServiceBuilder::new()
-                    .map_response(|r: Response<_>| r.map(body::boxed))
-                    .layer(layer)
-                    .map_request(|r: Request<_>| r.map(body::boxed))
-                    .service(inner),
-            ),
-        }
-    }
-
-    /// `inner` under a trace layer of the kind `make` builds, when tracing is on.
-    fn traced(&self, inner: Inner, make: fn(&Tracing) -> TraceLayer) -> Inner {
-        match &self.tracing {
-            None => inner,
-            Some(tracing) => BoxCloneSyncService::new(
-                ServiceBuilder::new()
-                    .map_response(|r: Response<_>| r.map(body::boxed))
-                    .layer(make(tracing))
-                    .service(inner),
-            ),
-        }
+    /// `inner` under the access log (when on), `metrics` and a trace layer of the kind
+    /// `trace` builds (when tracing is on), in that order, as one layer: the combined
+    /// layer does what the three stacked do, with the bodies wrapped (and boxed) once
+    /// rather than once per layer.
+    fn wrap(
+        &self,
+        inner: Inner,
+        metrics: MetricsLayer,
+        trace: fn(&Tracing) -> TraceLayer,
+        access_log: Option<AccessLogLayer>,
+    ) -> Inner {
+        let layer = TelemetryLayer::new(metrics, self.tracing.as_ref().map(trace), access_log);
+        BoxCloneSyncService::new(
+            ServiceBuilder::new()
+                .map_response(|r: Response<_>| r.map(body::boxed))
+                .layer(layer)
+                .service(inner),
+        )
     }
 
     /// The TCP metrics of the opaque-TCP listener.

@@ -164,8 +164,8 @@ const X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-origi
 /// Logs every request to an [`AccessLog`]; see the module docs.
 #[derive(Clone, Debug)]
 pub struct AccessLogLayer {
-    log: AccessLog,
-    config: Arc<LayerConfig>,
+    pub(crate) log: AccessLog,
+    pub(crate) config: Arc<LayerConfig>,
 }
 
 impl AccessLogLayer {
@@ -244,7 +244,14 @@ where
         let info = StreamInfo::attach(&mut req);
         // Most requests (GETs) have no body: no counter for them.
         let received = (!req.body().is_end_stream()).then(|| Arc::new(AtomicU64::new(0)));
-        let entry = capture(&req, &self.log, &self.config, info, received.clone());
+        let entry = capture(
+            &req,
+            &self.log,
+            &self.config,
+            info,
+            tokio::time::Instant::now(),
+            received.clone(),
+        );
         let req = req.map(|inner| RequestBody { inner, received });
         ResponseFuture {
             inner: self.inner.call(req),
@@ -256,11 +263,13 @@ where
     }
 }
 
-fn capture<B>(
+/// The request's entry, its duration counted from `started`.
+pub(crate) fn capture<B>(
     req: &Request<B>,
     log: &AccessLog,
     config: &Arc<LayerConfig>,
     info: StreamInfo,
+    started: tokio::time::Instant,
     received_counter: Option<Arc<AtomicU64>>,
 ) -> Box<Entry> {
     let headers = req.headers();
@@ -269,7 +278,7 @@ fn capture<B>(
     let authority = uri.authority().cloned();
     Box::new(Entry {
         start: log.now(),
-        started: tokio::time::Instant::now(),
+        started,
         method: req.method().clone(),
         path: uri.path_and_query().cloned(),
         original_path: headers.get(X_ENVOY_ORIGINAL_PATH).cloned(),
@@ -301,17 +310,17 @@ fn capture<B>(
 
 /// A request's entry until its line is handed to the writer. Dropped unfinished, it logs the
 /// exchange as cut short by the client (`DC`).
-struct Pending {
-    entry: Option<Box<Entry>>,
-    log: AccessLog,
+pub(crate) struct Pending {
+    pub(crate) entry: Option<Box<Entry>>,
+    pub(crate) log: AccessLog,
 }
 
 impl Pending {
-    fn entry(&mut self) -> Option<&mut Entry> {
+    pub(crate) fn entry(&mut self) -> Option<&mut Entry> {
         self.entry.as_deref_mut()
     }
 
-    fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         if let Some(mut entry) = self.entry.take() {
             entry.close();
             self.log.submit(entry);
@@ -339,7 +348,7 @@ impl std::fmt::Debug for Pending {
 }
 
 /// The [`ProxyError`] in an error, whether the error is one or a [`BoxError`] holding one.
-fn proxy_error<E: 'static>(error: &E) -> Option<&ProxyError> {
+pub(crate) fn proxy_error<E: 'static>(error: &E) -> Option<&ProxyError> {
     let any: &dyn Any = error;
     any.downcast_ref::<ProxyError>()
         .or_else(|| any.downcast_ref::<BoxError>().and_then(ProxyError::find))

@@ -58,6 +58,51 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// A request enters: its recorder, started at `start`, after the peer metadata
+    /// exchange on the request's headers. `info` (outbound) is where the inner layers will
+    /// record the route and the upstream's identity. Shared by [`MetricsService`] and the
+    /// combined layer ([`crate::combined`]), so both do exactly the same.
+    pub(crate) fn begin<B>(
+        self: &Arc<Self>,
+        req: &mut Request<B>,
+        start: Instant,
+        info: Option<StreamInfo>,
+    ) -> Recorder {
+        let grpc = is_grpc(req.headers());
+        let mut recorder = Recorder::new(self.clone(), start, grpc);
+        match self.direction {
+            Direction::Outbound => {
+                if let Some(info) = info {
+                    recorder.set_stream_info(info);
+                }
+                // `insert` also replaces whatever the app may have put there.
+                match &self.own_header {
+                    Some(ours) => req.headers_mut().insert(PEER_METADATA_HEADER, ours.clone()),
+                    None => req.headers_mut().remove(PEER_METADATA_HEADER),
+                };
+            }
+            Direction::Inbound => {
+                // Always removed: the app must not see it, whoever sent it.
+                let theirs = req.headers_mut().remove(PEER_METADATA_HEADER);
+                if let Some(peer) = req.extensions().get::<Identity>() {
+                    recorder.mtls = true;
+                    recorder.principal = Some(peer.clone());
+                    if let Some(theirs) = theirs {
+                        recorder.peer = self.peers.get(theirs.as_bytes());
+                        recorder.reply_metadata = true;
+                    }
+                }
+                if let Some(resolve) = &self.resolver
+                    && let Some(authority) = authority(req.uri(), req.headers())
+                    && let Some(fqdn) = resolve(authority)
+                {
+                    recorder.service = ServiceKey::Name(fqdn);
+                }
+            }
+        }
+        recorder
+    }
+
     /// A cache miss: build the series' labels and resolve its handles in the families.
     pub(crate) fn build_series(&self, key: &SeriesKey) -> SeriesHandles {
         let peer = WorkloadLabels::peer(key.peer.as_ref().map(|p| &*p.0), key.principal.as_ref());
@@ -112,7 +157,7 @@ impl Shared {
 /// and the peer table live in the layer, so every clone shares them.
 #[derive(Clone, Debug)]
 pub struct MetricsLayer {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl MetricsLayer {
@@ -195,37 +240,12 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let shared = &self.shared;
-        let grpc = is_grpc(req.headers());
-        let mut recorder = Recorder::new(shared.clone(), Instant::now(), grpc);
-        match shared.direction {
-            Direction::Outbound => {
-                recorder.set_stream_info(StreamInfo::attach(&mut req));
-                // `insert` also replaces whatever the app may have put there.
-                match &shared.own_header {
-                    Some(ours) => req.headers_mut().insert(PEER_METADATA_HEADER, ours.clone()),
-                    None => req.headers_mut().remove(PEER_METADATA_HEADER),
-                };
-            }
-            Direction::Inbound => {
-                // Always removed: the app must not see it, whoever sent it.
-                let theirs = req.headers_mut().remove(PEER_METADATA_HEADER);
-                if let Some(peer) = req.extensions().get::<Identity>() {
-                    recorder.mtls = true;
-                    recorder.principal = Some(peer.clone());
-                    if let Some(theirs) = theirs {
-                        recorder.peer = shared.peers.get(theirs.as_bytes());
-                        recorder.reply_metadata = true;
-                    }
-                }
-                if let Some(resolve) = &shared.resolver
-                    && let Some(authority) = authority(req.uri(), req.headers())
-                    && let Some(fqdn) = resolve(authority)
-                {
-                    recorder.service = ServiceKey::Name(fqdn);
-                }
-            }
-        }
+        let info = match self.shared.direction {
+            Direction::Outbound => Some(StreamInfo::attach(&mut req)),
+            Direction::Inbound => None,
+        };
+        let mut recorder = self.shared.begin(&mut req, Instant::now(), info);
+        let grpc = recorder.grpc;
         let tally = recorder.request_tally();
         let req = req.map(|body| RequestBody::new(body, tally, grpc));
         ResponseFuture {

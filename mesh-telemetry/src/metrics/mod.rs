@@ -157,15 +157,21 @@ mod registry;
 mod tcp;
 mod workload;
 
+#[cfg(all(feature = "trace", feature = "access-log"))]
+pub(crate) use body::{GrpcFramer, RequestTally};
 pub use body::{RequestBody, ResponseBody};
 pub use cache::SERIES_CACHE_CAPACITY;
 pub use exposition::{Format, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
 pub use labels::{HTTP_LABEL_NAMES, Reporter, SecurityPolicy, TCP_LABEL_NAMES};
+#[cfg(all(feature = "trace", feature = "access-log"))]
+pub(crate) use layer::Direction;
 pub use layer::{MetricsLayer, MetricsService, ResponseFuture, ServiceResolver};
 pub use peer::{
     MAX_FIELDS, MAX_HEADER_LEN, MAX_PEERS, PEER_METADATA_HEADER, PeerMetadata, PeerMetadataError,
 };
 pub use process::ProcessCollector;
+#[cfg(all(feature = "trace", feature = "access-log"))]
+pub(crate) use record::Recorder;
 pub use registry::{DURATION_BUCKETS_MS, Metrics, SIZE_BUCKETS_BYTES};
 pub use tcp::{TcpConnection, TcpConnectionMetrics, TcpMetrics};
 pub use workload::{LATEST, UNKNOWN, WorkloadInfo};

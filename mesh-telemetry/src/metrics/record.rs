@@ -54,7 +54,9 @@ pub(crate) struct Recorder {
     code: u16,
     flags: ResponseFlags,
     grpc_status: u8,
-    request: Arc<RequestTally>,
+    /// Made when a request body is wrapped to be counted: a request without a body (the
+    /// combined layer does not wrap one) allocates none and counts zero.
+    request: Option<Arc<RequestTally>>,
     response_bytes: u64,
     response_messages: u64,
     framer: Option<GrpcFramer>,
@@ -78,7 +80,7 @@ impl Recorder {
             code: 0,
             flags: ResponseFlags::EMPTY,
             grpc_status: NO_GRPC_STATUS,
-            request: Arc::default(),
+            request: None,
             response_bytes: 0,
             response_messages: 0,
             framer: grpc.then(GrpcFramer::default),
@@ -90,8 +92,8 @@ impl Recorder {
         self.info = Some(info);
     }
 
-    pub(crate) fn request_tally(&self) -> Arc<RequestTally> {
-        self.request.clone()
+    pub(crate) fn request_tally(&mut self) -> Arc<RequestTally> {
+        self.request.get_or_insert_with(Arc::default).clone()
     }
 
     /// The response head: status, flags, gRPC status, and the peer metadata exchange.
@@ -209,12 +211,17 @@ impl Recorder {
         series
             .duration
             .observe(self.start.elapsed().as_secs_f64() * 1000.0);
-        series
-            .request_bytes
-            .observe(self.request.bytes.load(Ordering::Relaxed) as f64);
+        let (request_bytes, request_messages) = match &self.request {
+            Some(tally) => (
+                tally.bytes.load(Ordering::Relaxed),
+                tally.messages.load(Ordering::Relaxed),
+            ),
+            None => (0, 0),
+        };
+        series.request_bytes.observe(request_bytes as f64);
         series.response_bytes.observe(self.response_bytes as f64);
         if let Some((requests, responses)) = &series.messages {
-            requests.inc_by(self.request.messages.load(Ordering::Relaxed));
+            requests.inc_by(request_messages);
             responses.inc_by(self.response_messages);
         }
     }

@@ -27,7 +27,7 @@ use super::propagation::{self, Extracted, Outgoing, TRACESTATE};
 
 /// Which side of the proxy a stack serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     /// Inbound: a peer calls this workload; SERVER spans.
     Server,
     /// Outbound: this workload calls a service; CLIENT spans.
@@ -37,8 +37,8 @@ enum Kind {
 /// Traces each request with one span; see the [module docs](super).
 #[derive(Clone, Debug)]
 pub struct TraceLayer {
-    tracing: Tracing,
-    kind: Kind,
+    pub(crate) tracing: Tracing,
+    pub(crate) kind: Kind,
 }
 
 impl TraceLayer {
@@ -93,7 +93,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let span = start(&self.tracing, self.kind, &mut req);
+        let span = start(&self.tracing, self.kind, &mut req, None);
         ResponseFuture {
             inner: self.inner.call(req),
             span,
@@ -104,8 +104,14 @@ where
 /// Decides, propagates and (when sampled and exporting) starts the request's span.
 ///
 /// The unsampled path allocates only the forwarded `traceparent` value (and B3 values when
-/// B3 came in): no span object, no attributes, no `Context`.
-fn start<B>(tracing: &Tracing, kind: Kind, req: &mut Request<B>) -> Option<Box<Recording>> {
+/// B3 came in): no span object, no attributes, no `Context`. `info`: the request's
+/// [`StreamInfo`] when the caller already attached it (else attached here).
+pub(crate) fn start<B>(
+    tracing: &Tracing,
+    kind: Kind,
+    req: &mut Request<B>,
+    info: Option<StreamInfo>,
+) -> Option<Box<Recording>> {
     let inner = &tracing.inner;
     let extracted = propagation::extract(req.headers());
     let mut trace_id = match extracted.parent {
@@ -138,7 +144,7 @@ fn start<B>(tracing: &Tracing, kind: Kind, req: &mut Request<B>) -> Option<Box<R
         sampled,
     };
     propagation::inject(req.headers_mut(), &extracted, &out);
-    let info = StreamInfo::attach(req);
+    let info = info.unwrap_or_else(|| StreamInfo::attach(req));
     info.set_trace_id(trace_id.to_bytes());
     span.map(|span| Box::new(Recording { span, info, kind }))
 }
@@ -247,7 +253,7 @@ fn start_span<B>(
 }
 
 /// A sampled request's span, from start to the end of its response body.
-struct Recording {
+pub(crate) struct Recording {
     span: SdkSpan,
     info: StreamInfo,
     kind: Kind,
@@ -255,7 +261,7 @@ struct Recording {
 
 impl Recording {
     /// What the response and the inner layers tell: status, flags, route, endpoint, peer.
-    fn on_response<RB>(&mut self, response: &Response<RB>) {
+    pub(crate) fn on_response<RB>(&mut self, response: &Response<RB>) {
         let status = response.status();
         let span = &mut self.span;
         span.set_attribute(KeyValue::new(
@@ -300,14 +306,14 @@ impl Recording {
         }
     }
 
-    fn fail(mut self: Box<Self>, error: &dyn fmt::Display) {
+    pub(crate) fn fail(mut self: Box<Self>, error: &dyn fmt::Display) {
         self.span
             .set_attribute(KeyValue::new("error.type", "_OTHER"));
         self.span.set_status(Status::error(error.to_string()));
         self.span.end();
     }
 
-    fn end(mut self: Box<Self>) {
+    pub(crate) fn end(mut self: Box<Self>) {
         self.span.end();
     }
 }

@@ -99,6 +99,8 @@ use std::time::Duration;
 
 use mesh_core::config::bootstrap::TracingSettings;
 
+#[cfg(all(feature = "metrics", feature = "access-log"))]
+pub(crate) use layer::{Recording, start};
 pub use layer::{ResponseFuture, Trace, TraceBody, TraceLayer};
 
 use export::Export;
