@@ -79,6 +79,32 @@ spec:
     )
 }
 
+/// A client sidecar (`sleep`, mTLS identity from `pki`) whose Sidecar resource has a TCP
+/// egress listener on a free port for `tcp-echo`, a mesh workload (service account
+/// `tcp-echo`) at `inbound`; returns the proxy and the listener's port.
+async fn tcp_echo_client(pki: &Pki, inbound: SocketAddr) -> (RunningProxy, Vec<u16>) {
+    let client_certs = pki.issue("sleep");
+    start_with_ports(1, |p| {
+        format!(
+            "{}{}{}",
+            sidecar("sleep", None, &client_certs),
+            tcp_entry("tcp-echo", p[0], inbound, Some("tcp-echo")),
+            sidecar_resource(
+                "sleep",
+                &format!(
+                    "  egress:
+  - port: {{ number: {}, protocol: TCP, name: tcp }}
+    bind: 127.0.0.1
+    hosts: [\"./tcp-echo\"]
+",
+                    p[0]
+                )
+            )
+        )
+    })
+    .await
+}
+
 /// Writes `data`, shuts the write side, and reads until the other side closes (bounded).
 async fn half_close_echo(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
     let mut conn = TcpStream::connect(addr).await.unwrap();
@@ -131,26 +157,7 @@ async fn tcp_echo_with_half_close_through_an_egress_listener_over_mtls() {
     let server = support::start_proxy(&format!("{server_yaml}{STRICT}")).await;
     let inbound = server.inbound_addr().unwrap();
 
-    let client_certs = pki.issue("sleep");
-    let (client, ports) = start_with_ports(1, |p| {
-        format!(
-            "{}{}{}",
-            sidecar("sleep", None, &client_certs),
-            tcp_entry("tcp-echo", p[0], inbound, Some("tcp-echo")),
-            sidecar_resource(
-                "sleep",
-                &format!(
-                    "  egress:
-  - port: {{ number: {}, protocol: TCP, name: tcp }}
-    bind: 127.0.0.1
-    hosts: [\"./tcp-echo\"]
-",
-                    p[0]
-                )
-            )
-        )
-    })
-    .await;
+    let (client, ports) = tcp_echo_client(&pki, inbound).await;
     let egress = client.egress_addrs();
     assert_eq!(egress, [SocketAddr::from(([127, 0, 0, 1], ports[0]))]);
 
@@ -600,26 +607,7 @@ async fn an_auto_inbound_tells_opaque_tcp_from_http() {
     );
 
     // Over mTLS from a client sidecar's TCP egress listener.
-    let client_certs = pki.issue("sleep");
-    let (client, _) = start_with_ports(1, |p| {
-        format!(
-            "{}{}{}",
-            sidecar("sleep", None, &client_certs),
-            tcp_entry("tcp-echo", p[0], inbound, Some("tcp-echo")),
-            sidecar_resource(
-                "sleep",
-                &format!(
-                    "  egress:
-  - port: {{ number: {}, protocol: TCP, name: tcp }}
-    bind: 127.0.0.1
-    hosts: [\"./tcp-echo\"]
-",
-                    p[0]
-                )
-            )
-        )
-    })
-    .await;
+    let (client, _) = tcp_echo_client(&pki, inbound).await;
     let egress = client.egress_addrs();
     let payload: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
     assert_eq!(half_close_echo(egress[0], &payload).await, payload);
