@@ -25,17 +25,29 @@ use support::pki::{Pki, STRICT, sidecar};
 use support::{bootstrap, service_entry};
 
 /// Sends `bytes` on a fresh connection and returns the status line of the answer, or ""
-/// when the proxy closed without one.
+/// when the proxy closed without one; fails if the proxy keeps the connection open.
 async fn answer(proxy: SocketAddr, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(proxy).await.unwrap();
     let _ = s.write_all(bytes).await;
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the proxy held the connection open");
     String::from_utf8_lossy(&buf)
         .lines()
         .next()
         .unwrap_or("")
         .to_owned()
+}
+
+/// Sends `bytes` and waits for the proxy to close the connection, at most `secs` seconds
+/// (failing if it does not); returns what it answered.
+async fn closed_within(proxy: SocketAddr, bytes: &[u8], secs: u64) -> String {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(secs), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the proxy held the connection past {secs} s");
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 const OK: &[u8] = b"GET / HTTP/1.1\r\nHost: reviews:9080\r\nConnection: close\r\n\r\n";
@@ -145,16 +157,24 @@ async fn tls_garbage_on_a_strict_mtls_port_is_closed_and_the_port_keeps_serving(
     .await;
     let inbound = server.inbound_addr().unwrap();
 
-    // A TLS record header announcing a handshake, then junk; a truncated ClientHello; plain
-    // random bytes. Each connection is closed without an HTTP answer.
-    let garbage: [&[u8]; 3] = [
-        b"\x16\x03\x01\x00\x40this is not a client hello at all, just junk bytes....",
-        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    // A whole TLS record of junk, and plain random bytes: closed at once, no HTTP answer.
+    let mut junk_record = b"\x16\x03\x01\x00\x40".to_vec();
+    junk_record.extend_from_slice(&[0x5a; 0x40]);
+    for bytes in [
+        junk_record.as_slice(),
         b"\x8a\x11\x00\x42 random \xff\xfe bytes",
-    ];
-    for bytes in garbage {
-        assert_eq!(answer(inbound, bytes).await, "", "closed without an answer");
+    ] {
+        assert_eq!(
+            closed_within(inbound, bytes, 5).await,
+            "",
+            "closed without an answer"
+        );
     }
+    // A ClientHello cut short, then silence: held only until the handshake timeout (10 s).
+    assert_eq!(
+        closed_within(inbound, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 15).await,
+        ""
+    );
     assert_eq!(app.received.load(Ordering::SeqCst), 0);
 
     // A real mesh client still gets through.
