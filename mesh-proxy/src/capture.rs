@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Either};
 use http::{Request, Response, StatusCode};
 use mesh_core::ProxyError;
 use mesh_core::body::{BoxBody, BoxError};
@@ -160,30 +160,31 @@ where
 {
     type Response = Response<BoxBody>;
     type Error = BoxError;
-    type Future = BoxFuture<'static, Result<Response<BoxBody>, BoxError>>;
+    type Future = Either<S::Future, BoxFuture<'static, Result<Response<BoxBody>, BoxError>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<BoxBody>) -> Self::Future {
-        // The common case — a host the mesh serves — costs one lookup and goes on unchanged.
+        let original = req.extensions().get::<OriginalDestination>().copied();
         let mode = {
             let routes = self.layer.routes.load();
-            if routes.serves(&req) {
-                return Box::pin(self.inner.call(req));
+            let mode = routes.outbound_mode();
+            // The default — ALLOW_ANY on a connection made to the proxy itself — needs no
+            // decision here (routing answers an unknown host 404 NR), so the request path pays
+            // no second host lookup; otherwise a host the mesh serves goes on unchanged.
+            if (mode == OutboundTrafficMode::AllowAny && original.is_none()) || routes.serves(&req)
+            {
+                return Either::Left(self.inner.call(req));
             }
-            routes.outbound_mode()
+            mode
         };
-        let original = req.extensions().get::<OriginalDestination>().copied();
         match (mode, original) {
             (OutboundTrafficMode::RegistryOnly, _) => {
-                let authority = mesh_routing::request_authority(&req).to_owned();
-                Box::pin(async move {
-                    Err(ProxyError::no_route(&authority)
-                        .with_status(StatusCode::BAD_GATEWAY)
-                        .into())
-                })
+                let refused = ProxyError::no_route(mesh_routing::request_authority(&req))
+                    .with_status(StatusCode::BAD_GATEWAY);
+                Either::Right(Box::pin(std::future::ready(Err(refused.into()))))
             }
             (OutboundTrafficMode::AllowAny, Some(OriginalDestination(addr))) => {
                 req.extensions_mut().insert(UpstreamTarget::new(
@@ -191,10 +192,10 @@ where
                     false,
                     Arc::from(PASSTHROUGH_CLUSTER),
                 ));
-                Box::pin(self.layer.upstream.clone().oneshot(req))
+                Either::Right(Box::pin(self.layer.upstream.clone().oneshot(req)))
             }
-            // Addressed to the proxy itself by an unknown Host: routing answers 404 NR.
-            (OutboundTrafficMode::AllowAny, None) => Box::pin(self.inner.call(req)),
+            // Decided above: routing answers 404 NR.
+            (OutboundTrafficMode::AllowAny, None) => Either::Left(self.inner.call(req)),
         }
     }
 }
