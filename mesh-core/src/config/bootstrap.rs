@@ -277,6 +277,9 @@ pub struct TracingSettings {
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct DiscoverySettings {
     pub etcd: Option<EtcdSettings>,
+    /// How `resolution: DNS` ServiceEntry hosts are resolved; absent: the system's resolver
+    /// (`/etc/resolv.conf`, `/etc/hosts`) with the default TTL bounds.
+    pub dns: Option<DnsSettings>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -286,6 +289,57 @@ pub struct EtcdSettings {
     /// Resources live at `<prefix>/<group>/<kind>/<namespace>/<name>`.
     #[serde(default = "default_etcd_prefix")]
     pub prefix: String,
+    /// Client TLS (for `https://` endpoints): the CA that signed etcd's certificate and,
+    /// for etcd's `--client-cert-auth`, this proxy's client certificate and key.
+    pub tls: Option<EtcdTlsFiles>,
+    /// etcd user for `auth enable`d clusters; the password is read from `passwordFile`
+    /// (never written in the Bootstrap, so `/config_dump` cannot show it).
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EtcdTlsFiles {
+    /// PEM trust anchors for etcd's server certificate.
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The name etcd's certificate is checked against; default: the endpoint's host.
+    pub server_name: Option<String>,
+}
+
+/// Istio's `respect_dns_ttl`: each answer is re-resolved when its TTL runs out, the TTL
+/// clamped to `[minTtl, maxTtl]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DnsSettings {
+    /// Name servers (`ip:port`); empty: the system's.
+    #[serde(default)]
+    pub nameservers: Vec<SocketAddr>,
+    #[serde(default = "default_dns_min_ttl")]
+    pub min_ttl: Duration,
+    /// Also how often a name is re-resolved at the latest (Istio's `dnsRefreshRate`, 60s).
+    #[serde(default = "default_dns_max_ttl")]
+    pub max_ttl: Duration,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            nameservers: Vec::new(),
+            min_ttl: default_dns_min_ttl(),
+            max_ttl: default_dns_max_ttl(),
+        }
+    }
+}
+
+fn default_dns_min_ttl() -> Duration {
+    Duration(std::time::Duration::from_secs(1))
+}
+
+fn default_dns_max_ttl() -> Duration {
+    Duration(std::time::Duration::from_secs(60))
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -318,6 +372,15 @@ impl Bootstrap {
     /// The etcd settings, when the proxy watches etcd.
     pub fn etcd(&self) -> Option<&EtcdSettings> {
         self.spec.discovery.as_ref()?.etcd.as_ref()
+    }
+
+    /// How DNS ServiceEntries are resolved (defaults when the Bootstrap says nothing).
+    pub fn dns(&self) -> DnsSettings {
+        self.spec
+            .discovery
+            .as_ref()
+            .and_then(|d| d.dns.clone())
+            .unwrap_or_default()
     }
 }
 

@@ -73,6 +73,105 @@ pub fn load_sources(sources: &[Source]) -> Result<MeshConfig, ConfigErrors> {
     loader.finish()
 }
 
+/// What names one resource: its kind, namespace and name (unique in a configuration).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceId {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ResourceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// A text stored under a resource's own key (an etcd value): it must hold exactly the
+/// resource `id`, so a key can never define some other resource.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyedSource {
+    pub id: ResourceId,
+    pub source: Source,
+}
+
+/// The outcome of [`load_layered`].
+#[derive(Clone, Debug)]
+pub struct Layered {
+    pub config: MeshConfig,
+    /// Overlay resources left out because the base defines the same kind, namespace and
+    /// name, with the overlay source that held them.
+    pub shadowed: Vec<(ResourceId, String)>,
+}
+
+/// Loads `overlay` (resources from etcd) on top of `base` (the proxy's own files, already
+/// loaded), validating the overlay exactly as files are and the whole as one configuration.
+///
+/// The merge rule: **the proxy's files win**. An overlay resource with the kind, namespace
+/// and name of a base resource is left out and listed in [`Layered::shadowed`]; it is not
+/// an error, because a shared store is expected to hold what one machine overrides locally.
+/// A Bootstrap in the overlay is an error (it is one proxy's own settings), and so is a
+/// source holding anything but exactly its `id`. Errors name the overlay source (the key),
+/// so a caller can tell which stored resource to leave out.
+pub fn load_layered(base: &MeshConfig, overlay: &[KeyedSource]) -> Result<Layered, ConfigErrors> {
+    let ids = base.resources.ids();
+    let mut loader = Loader {
+        resources: base.resources.clone(),
+        base_keys: ids.iter().map(|(key, _)| key.clone()).collect(),
+        seen: ids.into_iter().collect(),
+        expected: overlay
+            .iter()
+            .map(|k| (k.source.name.clone(), (k.id.clone(), 0)))
+            .collect(),
+        ..Loader::default()
+    };
+    for keyed in overlay {
+        loader.source(&keyed.source);
+    }
+    let mut empty = Vec::new();
+    for (name, (id, found)) in &loader.expected {
+        let named = loader.errors.iter().any(|e| &e.file == name);
+        if *found == 0 && !named {
+            empty.push(ConfigError::file(
+                name.clone(),
+                format!("holds no resource (expected {id})"),
+            ));
+        }
+    }
+    loader.errors.extend(empty);
+    let shadowed = std::mem::take(&mut loader.shadowed);
+    let config = loader.finish()?;
+    Ok(Layered { config, shadowed })
+}
+
+/// Splits a YAML text into its resources, each with its own text, after validating the
+/// text alone as a configuration: what `mesh-proxy config apply` stores, one key each.
+pub fn split_resources(source: &Source) -> Result<Vec<(ResourceId, String)>, ConfigErrors> {
+    let config = load_sources(std::slice::from_ref(source))?;
+    let mut by_document: HashMap<usize, ResourceId> = config
+        .resources
+        .ids()
+        .into_iter()
+        .map(|((kind, namespace, name), origin)| {
+            (
+                origin.document,
+                ResourceId {
+                    kind,
+                    namespace,
+                    name,
+                },
+            )
+        })
+        .collect();
+    Ok(yaml::split_documents(&source.text)
+        .into_iter()
+        .filter_map(|doc| {
+            let id = by_document.remove(&doc.index)?;
+            Some((id, doc.text.to_string()))
+        })
+        .collect())
+}
+
 /// The resource kinds this proxy understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum Kind {
@@ -307,6 +406,12 @@ struct Loader<'a> {
     seen: HashMap<(Kind, String, String), Origin>,
     /// Parsed documents, to find lines for errors found after parsing.
     documents: HashMap<Origin, Document<'a>>,
+    /// For [`load_layered`]: the base's resources, which overlay resources cannot replace.
+    base_keys: std::collections::HashSet<(Kind, String, String)>,
+    shadowed: Vec<(ResourceId, String)>,
+    /// For [`load_layered`]: overlay source name → the resource it must hold, and how many
+    /// resources it held.
+    expected: HashMap<String, (ResourceId, usize)>,
 }
 
 impl<'a> Loader<'a> {
@@ -385,6 +490,38 @@ impl<'a> Loader<'a> {
             resource.metadata.namespace.clone(),
             resource.metadata.name.clone(),
         );
+        let id = ResourceId {
+            kind: key.0,
+            namespace: key.1.clone(),
+            name: key.2.clone(),
+        };
+        if let Some((expected, found)) = self.expected.get_mut(&origin.file) {
+            *found += 1;
+            if S::KIND == Kind::Bootstrap {
+                issues.add(
+                    "kind",
+                    "a Bootstrap is one proxy's own settings: it belongs in that proxy's files, not in a shared store",
+                );
+            } else if *found > 1 {
+                issues.add(
+                    "kind",
+                    format!(
+                        "a second resource under the key of {expected}: one key holds one resource"
+                    ),
+                );
+            } else if *expected != id {
+                issues.add(
+                    "metadata",
+                    format!("this key must hold {expected}, not {id}"),
+                );
+            } else if self.base_keys.contains(&key) {
+                self.shadowed.push((id, origin.file));
+                return;
+            }
+            if !issues.0.is_empty() {
+                return self.issues(&origin, label.as_deref(), issues);
+            }
+        }
         if let Some(first) = self.seen.get(&key) {
             issues.add(
                 "metadata.name",

@@ -46,7 +46,10 @@ use serde_json::Value;
 
 pub use bootstrap::Bootstrap;
 pub use error::{ConfigError, ConfigErrors};
-pub use load::{Kind, Source, load_files, load_sources};
+pub use load::{
+    KeyedSource, Kind, Layered, ResourceId, Source, load_files, load_layered, load_sources,
+    split_resources,
+};
 pub use networking::{
     DestinationRule, Gateway, Resolution, ServiceEntry, Sidecar, VirtualService, WorkloadEntry,
 };
@@ -67,6 +70,33 @@ pub(crate) struct Resources {
     sidecars: Vec<Sidecar>,
     peer_authentications: Vec<PeerAuthentication>,
     authorization_policies: Vec<AuthorizationPolicy>,
+}
+
+impl Resources {
+    /// Every resource's (kind, namespace, name) and where it came from.
+    fn ids(&self) -> Vec<((Kind, String, String), Origin)> {
+        fn of<S>(
+            kind: Kind,
+            resources: &[Resource<S>],
+        ) -> impl Iterator<Item = ((Kind, String, String), Origin)> + '_ {
+            resources.iter().map(move |r| {
+                (
+                    (kind, r.metadata.namespace.clone(), r.metadata.name.clone()),
+                    r.origin.clone(),
+                )
+            })
+        }
+        of(Kind::Bootstrap, &self.bootstraps)
+            .chain(of(Kind::VirtualService, &self.virtual_services))
+            .chain(of(Kind::DestinationRule, &self.destination_rules))
+            .chain(of(Kind::ServiceEntry, &self.service_entries))
+            .chain(of(Kind::WorkloadEntry, &self.workload_entries))
+            .chain(of(Kind::Gateway, &self.gateways))
+            .chain(of(Kind::Sidecar, &self.sidecars))
+            .chain(of(Kind::PeerAuthentication, &self.peer_authentications))
+            .chain(of(Kind::AuthorizationPolicy, &self.authorization_policies))
+            .collect()
+    }
 }
 
 /// One immutable, validated configuration snapshot. Build it with [`load_files`] or

@@ -1058,6 +1058,51 @@ pub(crate) fn bootstrap(b: &BootstrapSpec, out: &mut Issues) {
             "at least one etcd endpoint is required",
         );
     }
+    if let Some(etcd) = etcd {
+        for (i, endpoint) in etcd.endpoints.iter().enumerate() {
+            let scheme_ok = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+            if !scheme_ok {
+                out.add(
+                    format!("spec.discovery.etcd.endpoints[{i}]"),
+                    format!("`{endpoint}` is not an http:// or https:// URL"),
+                );
+            } else if endpoint.starts_with("https://") && etcd.tls.is_none() {
+                out.add(
+                    format!("spec.discovery.etcd.endpoints[{i}]"),
+                    format!("`{endpoint}` is https:// but discovery.etcd.tls names no CA"),
+                );
+            }
+        }
+        if !etcd.prefix.starts_with('/') {
+            out.add(
+                "spec.discovery.etcd.prefix",
+                format!("prefix `{}` must start with `/`", etcd.prefix),
+            );
+        }
+        if etcd.username.is_some() != etcd.password_file.is_some() {
+            out.add(
+                "spec.discovery.etcd",
+                "username and passwordFile go together",
+            );
+        }
+        if let Some(tls) = &etcd.tls
+            && tls.cert.is_some() != tls.key.is_some()
+        {
+            out.add(
+                "spec.discovery.etcd.tls",
+                "cert and key go together (a client certificate needs its key)",
+            );
+        }
+    }
+    if let Some(dns) = b.discovery.as_ref().and_then(|d| d.dns.as_ref()) {
+        out.positive("spec.discovery.dns.minTtl", Some(dns.min_ttl));
+        if dns.max_ttl.get() < dns.min_ttl.get() {
+            out.add(
+                "spec.discovery.dns.maxTtl",
+                format!("maxTtl {} is below minTtl {}", dns.max_ttl, dns.min_ttl),
+            );
+        }
+    }
     if let Some(register) = &b.register {
         if etcd.is_none() {
             out.add(
