@@ -4,9 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The tests need the Rust toolchain (the gRPC test service is written against tonic's
-# runtime API, so no protoc) and the tools installed below. Later issues add their installs
-# here (etcd, wrk, ...).
+# The tests need the Rust toolchain and the tools installed below (the gRPC test service is
+# written against tonic's runtime API; etcd-client's build script needs protoc).
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need cargo; then
     echo "cargo is required (rustup toolchain)" >&2
@@ -57,6 +56,17 @@ need iptables || missing+=(iptables)
 need ip || missing+=(iproute2)
 { need unshare && need setpriv; } || missing+=(util-linux)
 need python3 || missing+=(python3)
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "== installing ${missing[*]} (Debian packages)"
+    apt_install "${missing[@]}"
+fi
+
+# mesh-discovery and mesh-proxy/tests/etcd_e2e.rs start real etcd servers (Debian's
+# etcd-server, 3.4, v3 API) on free loopback ports; etcd-client compiles etcd's protos with
+# protoc (protobuf-compiler).
+missing=()
+need etcd || missing+=(etcd-server)
+need protoc || missing+=(protobuf-compiler)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "== installing ${missing[*]} (Debian packages)"
     apt_install "${missing[@]}"
