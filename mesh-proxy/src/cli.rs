@@ -8,6 +8,8 @@
 //! ```
 
 mod ca;
+#[cfg(feature = "etcd")]
+mod config;
 mod iptables;
 
 use std::ffi::OsString;
@@ -63,6 +65,12 @@ enum Command {
         #[command(subcommand)]
         command: iptables::IptablesCommand,
     },
+    /// Resources in etcd, shared by every proxy whose Bootstrap names `discovery.etcd`.
+    #[cfg(feature = "etcd")]
+    Config {
+        #[command(subcommand)]
+        command: config::ConfigCommand,
+    },
 }
 
 /// Runs the command line `args` (the first item is the program name, as in `std::env::args_os`)
@@ -80,6 +88,8 @@ where
         Command::Run { config } => run(&config),
         Command::Ca { command } => ca::run(command),
         Command::Iptables { command } => iptables::run(command),
+        #[cfg(feature = "etcd")]
+        Command::Config { command } => config::run(command),
     }
 }
 

@@ -20,6 +20,7 @@ pub mod capture;
 pub mod cli;
 pub mod conn_metrics;
 pub mod detect;
+pub mod discovery;
 pub mod gateway;
 pub mod headers;
 pub mod idle;

@@ -69,6 +69,8 @@ pub enum StartError {
     /// A Sidecar egress/ingress listener that cannot be bound (named with its port).
     #[error(transparent)]
     Sidecar(#[from] crate::sidecar_listeners::SidecarError),
+    #[error(transparent)]
+    Discovery(#[from] crate::discovery::DiscoveryError),
 }
 
 /// State shared by the listeners and the admin server.
@@ -93,6 +95,25 @@ pub struct Shared {
     /// Notified by admin `POST /drain`; the binary then drains as on SIGTERM.
     drain_requested: tokio::sync::Notify,
     ready: AtomicBool,
+    /// The proxy's own files and the etcd layer over them; the lock orders config changes
+    /// (file reloads, etcd snapshots, DNS answers) and is never held across an `.await`.
+    layers: std::sync::Mutex<Layers>,
+    /// The names `resolution: DNS` services need, watched by the DNS provider.
+    dns_names: watch::Sender<std::collections::BTreeSet<String>>,
+    /// The DNS provider's last good answers.
+    dns_resolved: std::sync::Mutex<mesh_discovery::dns::Resolved>,
+    /// This workload's WorkloadEntry in etcd, when the Bootstrap says `register`.
+    #[cfg(feature = "etcd")]
+    registration: std::sync::OnceLock<Arc<crate::discovery::store::RegistrationValue>>,
+}
+
+#[derive(Debug)]
+struct Layers {
+    /// The configuration loaded from the proxy's files (or given by an embedder).
+    files: Arc<MeshConfig>,
+    /// Resources from etcd, when the Bootstrap names `discovery.etcd`.
+    #[cfg(feature = "etcd")]
+    store: Option<crate::discovery::store::StoreLayer>,
 }
 
 impl Shared {
@@ -131,7 +152,7 @@ impl Shared {
     /// Asks whoever runs the proxy to drain it (admin `POST /drain`): `/ready` turns 503 at
     /// once, so an orchestrator stops sending traffic before the listeners close.
     pub fn request_drain(&self) {
-        self.ready.store(false, Ordering::Release);
+        self.set_ready(false);
         self.drain_requested.notify_one();
     }
 
@@ -142,6 +163,14 @@ impl Shared {
     ) -> Result<Shared, StartError> {
         let endpoints = Arc::new(EndpointPublisher::default());
         let (peer_auth, authz) = build_security(&config);
+        let layers = Layers {
+            files: config.clone(),
+            #[cfg(feature = "etcd")]
+            store: bootstrap
+                .etcd()
+                .map(|etcd| crate::discovery::store::StoreLayer::new(&etcd.prefix)),
+        };
+        let (dns_names, _) = watch::channel(crate::discovery::dns_names(&config));
         let config = Arc::new(ArcSwap::new(config));
         let telemetry = Telemetry::new(
             bootstrap,
@@ -160,13 +189,121 @@ impl Shared {
             drain_requested: tokio::sync::Notify::new(),
             telemetry,
             ready: AtomicBool::new(false),
+            layers: std::sync::Mutex::new(layers),
+            dns_names,
+            dns_resolved: std::sync::Mutex::new(Default::default()),
+            #[cfg(feature = "etcd")]
+            registration: std::sync::OnceLock::new(),
         })
+    }
+
+    fn layers(&self) -> std::sync::MutexGuard<'_, Layers> {
+        self.layers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies a new configuration of the proxy's files (a reload, or an embedder's
+    /// `apply_config`), under the etcd layer when there is one. Err when the files do not
+    /// hold together with what is left of the layer; the config in force stays.
+    pub(crate) fn apply_files(
+        &self,
+        files: Arc<MeshConfig>,
+    ) -> Result<(), mesh_core::config::ConfigErrors> {
+        let mut layers = self.layers();
+        #[cfg(feature = "etcd")]
+        let composed = match layers.store.as_mut() {
+            Some(store) => {
+                let wanted = store.wanted();
+                let composed = store.compose(&files, wanted)?;
+                crate::discovery::store::log_composition(&composed);
+                Arc::new(composed.config)
+            }
+            None => files.clone(),
+        };
+        #[cfg(not(feature = "etcd"))]
+        let composed = files.clone();
+        layers.files = files;
+        self.apply(composed);
+        Ok(())
+    }
+
+    #[cfg(feature = "etcd")]
+    /// Applies what etcd holds now over the proxy's files. A stored resource that fails
+    /// validation is left out (counted as a rejected reload); the rest applies.
+    pub(crate) fn apply_store(&self, snapshot: &mesh_discovery::etcd::StoreSnapshot) {
+        let mut layers = self.layers();
+        let files = layers.files.clone();
+        let Some(store) = layers.store.as_mut() else {
+            return;
+        };
+        for key in &snapshot.malformed_keys {
+            tracing::warn!(
+                key,
+                "etcd key is not <prefix>/<group>/<kind>/<namespace>/<name>; ignored"
+            );
+        }
+        match store.compose(&files, crate::discovery::store::snapshot_texts(snapshot)) {
+            Ok(composed) => {
+                crate::discovery::store::log_composition(&composed);
+                let clean = composed.rejected.is_empty();
+                let resources = composed.config.resource_count();
+                self.apply(Arc::new(composed.config));
+                self.reload_metrics.record(clean);
+                tracing::info!(
+                    revision = snapshot.revision,
+                    resources,
+                    "etcd resources applied"
+                );
+            }
+            Err(errors) => {
+                self.reload_metrics.record(false);
+                tracing::error!(
+                    revision = snapshot.revision,
+                    "etcd change rejected; the last good config stays in force:\n{errors}"
+                );
+            }
+        }
+    }
+
+    /// New DNS answers: the endpoint sets of DNS services are published again.
+    pub(crate) fn apply_dns(&self, resolved: mesh_discovery::dns::Resolved) {
+        let _layers = self.layers();
+        *self.dns_resolved.lock().unwrap_or_else(|p| p.into_inner()) = resolved;
+        self.publish_endpoints(&self.config());
+    }
+
+    /// The DNS names the config needs, for the DNS provider.
+    pub(crate) fn dns_names(&self) -> watch::Receiver<std::collections::BTreeSet<String>> {
+        self.dns_names.subscribe()
+    }
+
+    #[cfg(feature = "etcd")]
+    pub(crate) fn set_registration(&self, value: Arc<crate::discovery::store::RegistrationValue>) {
+        let _ = self.registration.set(value);
+    }
+
+    /// Turns `/ready` on or off, publishing or withdrawing this workload's registration.
+    fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+        #[cfg(feature = "etcd")]
+        if let Some(registration) = self.registration.get() {
+            registration.set_ready(ready);
+        }
     }
 
     /// Applies `config` to new requests: endpoints first, so that routes never point at a
     /// service whose endpoints are not published yet. Security policies apply to the next
     /// connection (PeerAuthentication) and the next request (AuthorizationPolicy).
-    pub(crate) fn apply(&self, config: Arc<MeshConfig>) {
+    fn apply(&self, config: Arc<MeshConfig>) {
+        self.dns_names.send_if_modified(|names| {
+            let wanted = crate::discovery::dns_names(&config);
+            let changed = *names != wanted;
+            *names = wanted;
+            changed
+        });
+        #[cfg(feature = "etcd")]
+        if let Some(registration) = self.registration.get() {
+            registration.update(&config, self.is_ready());
+        }
         self.publish_endpoints(&config);
         self.routes.store(Arc::new(build_routes(&config)));
         let (peer_auth, authz) = build_security(&config);
@@ -176,11 +313,18 @@ impl Shared {
     }
 
     fn publish_endpoints(&self, config: &MeshConfig) {
+        let resolved = self
+            .dns_resolved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         self.endpoints.publish(config.services().iter().map(|port| {
-            (
-                ServiceKey::new(port.host.clone(), port.number),
-                port.endpoints.clone(),
-            )
+            let endpoints = if port.dns_endpoints.is_empty() {
+                port.endpoints.clone()
+            } else {
+                crate::discovery::dns_endpoints(port, &resolved)
+            };
+            (ServiceKey::new(port.host.clone(), port.number), endpoints)
         }));
     }
 }
@@ -204,6 +348,8 @@ pub struct RunningProxy {
     maintenance: JoinHandle<()>,
     /// Re-reads the identity files, so rotated certificates apply to new handshakes.
     cert_watch: Option<JoinHandle<()>>,
+    /// DNS, the etcd watch and this workload's registration.
+    discovery: crate::discovery::DiscoveryTasks,
 }
 
 async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -433,7 +579,10 @@ impl RunningProxy {
         });
 
         shared.publish_endpoints(&config);
-        shared.ready.store(true, Ordering::Release);
+        let discovery =
+            crate::discovery::DiscoveryTasks::start(&shared, inbound, own_identity.as_ref())
+                .await?;
+        shared.set_ready(true);
         tracing::info!(%outbound, inbound = ?inbound, %admin, "proxy ready");
         Ok(RunningProxy {
             shared,
@@ -449,6 +598,7 @@ impl RunningProxy {
             admin_task,
             maintenance,
             cert_watch,
+            discovery,
         })
     }
 
@@ -494,14 +644,21 @@ impl RunningProxy {
 
     /// Applies a new configuration to new requests; requests in flight finish on the old one.
     /// Listener addresses are fixed at start.
-    pub fn apply_config(&self, config: Arc<MeshConfig>) {
-        self.shared.apply(config);
+    /// With etcd, `config` replaces the files' part and the stored resources stay layered
+    /// over it; Err (and nothing changes) when they do not hold together.
+    pub fn apply_config(
+        &self,
+        config: Arc<MeshConfig>,
+    ) -> Result<(), mesh_core::config::ConfigErrors> {
+        self.shared.apply_files(config)
     }
 
     /// Drains: `/ready` turns 503, listeners stop accepting, in-flight requests finish (up to
     /// the drain deadline), then the admin server stops.
     pub async fn shutdown(self) {
-        self.shared.ready.store(false, Ordering::Release);
+        self.shared.set_ready(false);
+        // Peers stop picking this workload before its listeners close.
+        self.discovery.stop().await;
         let _ = self.stop_listeners.send(true);
         for task in self.listeners {
             let _ = task.await;

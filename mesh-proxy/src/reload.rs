@@ -95,7 +95,7 @@ impl ReloadMetrics {
         m
     }
 
-    fn record(&self, ok: bool) {
+    pub(crate) fn record(&self, ok: bool) {
         let result = if ok { "success" } else { "rejected" };
         self.reloads.get_or_create(&ReloadResult { result }).inc();
         self.last_successful.set(i64::from(ok));
@@ -268,7 +268,13 @@ impl Reloader {
             return;
         }
         let resources = config.resource_count();
-        self.shared.apply(Arc::new(config));
+        if let Err(errors) = self.shared.apply_files(Arc::new(config)) {
+            metrics.record(false);
+            tracing::error!(
+                "config reload rejected (the files do not hold together with the resources from etcd); the last good config stays in force:\n{errors}"
+            );
+            return;
+        }
         metrics.record(true);
         tracing::info!(resources, "config reloaded");
     }

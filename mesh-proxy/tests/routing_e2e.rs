@@ -373,11 +373,13 @@ async fn a_changed_virtual_service_applies_to_new_requests_without_restart() {
     assert_eq!(resp.headers()["x-app"], "reviews-v1");
 
     // Istio's `virtual-service-reviews-v3.yaml`.
-    proxy.apply_config(support::load(&reviews.config(&virtual_service(
-        "reviews",
-        "  - route: [{ destination: { host: reviews, subset: v3 } }]
+    proxy
+        .apply_config(support::load(&reviews.config(&virtual_service(
+            "reviews",
+            "  - route: [{ destination: { host: reviews, subset: v3 } }]
 ",
-    ))));
+        ))))
+        .expect("the new config applies");
     let resp = http
         .request(get(outbound, "reviews:9080", "/"))
         .await

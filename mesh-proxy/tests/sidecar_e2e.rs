@@ -360,7 +360,9 @@ spec:
     // New endpoints from discovery take over; the balancer applies a published set from its
     // own task (as Envoy applies EDS), so the switch is awaited, not assumed.
     assert!(a.open.load(Ordering::SeqCst) >= 1 && b.open.load(Ordering::SeqCst) >= 1);
-    proxy.apply_config(support::load(&yaml(&[c.addr])));
+    proxy
+        .apply_config(support::load(&yaml(&[c.addr])))
+        .expect("the new config applies");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let resp = http.request(get(outbound, "svc", "/")).await.unwrap();

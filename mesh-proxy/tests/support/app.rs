@@ -43,7 +43,12 @@ impl App {
 
     /// An app that answers every request with `status` (a broken backend, say).
     pub async fn start_with_status(name: &'static str, status: u16) -> App {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        App::start_at(name, status, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// An app listening on `addr` (another loopback address, or a given port).
+    pub async fn start_at(name: &'static str, status: u16, addr: SocketAddr) -> App {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let received = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
