@@ -10,6 +10,8 @@
 //! A crate of its own because etcd-client (tonic, prost, a protoc build step) and
 //! hickory-resolver are heavy, and an embedder using only files should not compile them.
 
+#![forbid(unsafe_code)]
+
 pub mod dns;
 #[cfg(feature = "etcd")]
 pub mod etcd;

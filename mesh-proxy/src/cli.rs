@@ -139,6 +139,10 @@ fn run(paths: &[PathBuf]) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Signal handlers go in before the proxy says it is ready: a SIGHUP or SIGTERM sent
+        // right after readiness (a reload, a rollout) must not meet the default action,
+        // which kills the process.
+        let signals = Signals::watch();
         let proxy = match RunningProxy::start(config).await {
             Ok(proxy) => proxy,
             Err(e) => {
@@ -155,7 +159,7 @@ fn run(paths: &[PathBuf]) -> ExitCode {
                 None
             }
         };
-        let why = until_drain(&proxy, watch.as_ref()).await;
+        let why = until_drain(&proxy, watch.as_ref(), signals).await;
         tracing::info!("draining ({why})");
         drop(watch);
         proxy.shutdown().await;
@@ -163,19 +167,36 @@ fn run(paths: &[PathBuf]) -> ExitCode {
     })
 }
 
+/// SIGTERM and SIGHUP, each `None` when it cannot be watched.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn watch() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            term: signal(SignalKind::terminate())
+                .map_err(|e| tracing::warn!(error = %e, "cannot watch SIGTERM"))
+                .ok(),
+            hup: signal(SignalKind::hangup())
+                .map_err(
+                    |e| tracing::warn!(error = %e, "cannot watch SIGHUP; file changes still reload"),
+                )
+                .ok(),
+        }
+    }
+}
+
 /// Waits for what ends the proxy — SIGTERM, Ctrl-C or admin `POST /drain` — reloading the
 /// config on each SIGHUP meanwhile. Says which one it was.
 async fn until_drain(
     proxy: &RunningProxy,
     watch: Option<&crate::reload::ConfigWatch>,
+    signals: Signals,
 ) -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())
-        .map_err(|e| tracing::warn!(error = %e, "cannot watch SIGTERM"))
-        .ok();
-    let mut hup = signal(SignalKind::hangup())
-        .map_err(|e| tracing::warn!(error = %e, "cannot watch SIGHUP; file changes still reload"))
-        .ok();
+    let Signals { mut term, mut hup } = signals;
     loop {
         tokio::select! {
             Some(()) = recv(&mut term) => return "SIGTERM",
