@@ -16,8 +16,9 @@ use super::random::effective;
 /// Disruption: adding a node to `n` moves about `1/(n+1)` of the keys, nearly all to it.
 /// Removing a node moves its keys, plus a few of the others' as the claim order shifts (about
 /// 0.1 % of all keys for five nodes; the property tests bound it at 1 %): Maglev trades
-/// strictly minimal disruption for even load, and the table depends only on the set, so
-/// every proxy with the same endpoints sends a key to the same one.
+/// strictly minimal disruption for even load. Nodes claim in address order, so the table
+/// depends only on the set: every proxy with the same endpoints, listed in any order, sends
+/// a key to the same one.
 ///
 /// ```
 /// use mesh_routing::balance::Maglev;
@@ -40,6 +41,8 @@ impl std::fmt::Debug for Maglev {
 }
 
 struct Builder {
+    /// The node's position in the caller's sequence, which `lookup` answers.
+    index: u32,
     skip: u64,
     /// The next entry of this node's permutation to try.
     next: u64,
@@ -52,11 +55,21 @@ impl Maglev {
     /// (weight 0 counts as 1); `lookup` answers indexes into this sequence.
     pub fn new<'a>(nodes: impl IntoIterator<Item = (&'a str, u32)>, table_size: u64) -> Maglev {
         let size = maglev_table_size(table_size);
+        let mut nodes: Vec<(usize, &str, u32)> = nodes
+            .into_iter()
+            .enumerate()
+            .map(|(index, (id, weight))| (index, id, weight))
+            .collect();
+        // Nodes claim entries in turn, so the claim order shapes the table. Claiming in
+        // address order (not the caller's order) makes the table a function of the set:
+        // two proxies that list the same endpoints differently agree on every key.
+        nodes.sort_by(|a, b| a.1.cmp(b.1).then(a.0.cmp(&b.0)));
         let mut builders: Vec<Builder> = nodes
             .into_iter()
-            .map(|(id, weight)| {
+            .map(|(index, id, weight)| {
                 let offset = xxh64(id.as_bytes(), 0) % size;
                 Builder {
+                    index: index as u32,
                     skip: xxh64(id.as_bytes(), 1) % (size - 1) + 1,
                     next: offset,
                     weight: u64::from(effective(weight)),
@@ -75,7 +88,7 @@ impl Maglev {
         let mut turn = 0u64;
         while filled < size {
             turn += 1;
-            for (index, b) in builders.iter_mut().enumerate() {
+            for b in builders.iter_mut() {
                 if filled == size {
                     break;
                 }
@@ -86,7 +99,7 @@ impl Maglev {
                 while table[b.next as usize] != EMPTY {
                     b.next = (b.next + b.skip) % size;
                 }
-                table[b.next as usize] = index as u32;
+                table[b.next as usize] = b.index;
                 b.next = (b.next + b.skip) % size;
                 filled += 1;
             }
