@@ -217,11 +217,31 @@ impl MeshConfig {
 }
 
 /// Drops nulls and empty containers from objects, recursively, so the dump shows what is set.
+/// One empty object is a setting, not an unset field: a `StringMatch` of `{}` (presence; under
+/// `withoutHeaders`, absence) as a value of the `headers`, `withoutHeaders` and `queryParams`
+/// maps of a match, which serializes as `{}` from the start and is kept.
 fn prune(value: &mut Value) {
     match value {
         Value::Object(map) => {
-            for v in map.values_mut() {
-                prune(v);
+            for (key, v) in map.iter_mut() {
+                let presence_map =
+                    matches!(key.as_str(), "headers" | "withoutHeaders" | "queryParams");
+                match v {
+                    Value::Object(inner) if presence_map => {
+                        let presence: Vec<String> = inner
+                            .iter()
+                            .filter(|(_, m)| m.as_object().is_some_and(|m| m.is_empty()))
+                            .map(|(k, _)| k.clone())
+                            .collect();
+                        prune(v);
+                        if let Value::Object(inner) = v {
+                            for k in presence {
+                                inner.insert(k, Value::Object(serde_json::Map::new()));
+                            }
+                        }
+                    }
+                    _ => prune(v),
+                }
             }
             map.retain(|_, v| !is_empty(v));
         }
