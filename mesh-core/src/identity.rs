@@ -7,7 +7,7 @@
 //! service account when the path has Istio's shape.
 //!
 //! Validation follows the SPIFFE ID specification: lower-case scheme `spiffe`, a trust domain
-//! of `[a-z0-9.-_]`, path segments of `[a-zA-Z0-9.-_]` that are neither empty, `.` nor `..`,
+//! of at most 255 bytes of `[a-z0-9.-_]`, path segments of `[a-zA-Z0-9.-_]` that are neither empty, `.` nor `..`,
 //! no query, fragment, port or user info, at most 2048 bytes.
 
 use std::fmt;
@@ -18,6 +18,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 const SCHEME: &str = "spiffe://";
 const MAX_LEN: usize = 2048;
+const MAX_TRUST_DOMAIN_LEN: usize = 255;
 
 /// A validated SPIFFE ID.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -54,6 +55,10 @@ impl Identity {
         };
         if domain.is_empty() {
             return Err(fail("trust domain is empty"));
+        }
+        // The SPIFFE ID specification bounds the trust domain as RFC 3986 bounds a host.
+        if domain.len() > MAX_TRUST_DOMAIN_LEN {
+            return Err(fail("trust domain is longer than 255 bytes"));
         }
         if !domain
             .bytes()
