@@ -368,10 +368,28 @@ async fn a_retry_avoids_endpoints_its_earlier_attempts_used() {
                 req
             })
             .await;
-        // Without the predicate endpoint 3 gets about a third (≈ 67 of 200). With it, a pick
-        // misses only if the first pick and all five re-picks land on tried endpoints:
-        // (2/3)^6 ≈ 9%, so about 182 of 200 (Envoy's re-pick predicate behaves the same).
-        assert!(share(&counts, 3) >= 160, "{counts:?}");
+        // Without the predicate endpoint 3 gets about a third (≈ 67 of 200). With it, the
+        // re-picks and then the fallback to an untried endpoint send every retry there.
+        assert_eq!(share(&counts, 3), 200, "{counts:?}");
+    }
+
+    // Two endpoints under P2C: both are compared on every pick, so re-picks alone would land
+    // on the same (cheaper) one each time; a retry must still reach the other.
+    let two = Harness::new(endpoints(2), Backend::default());
+    for policy in [None, Some(simple(SimpleLb::LeastRequest))] {
+        let t = target(policy, None);
+        for tried_addr in [1u8, 2] {
+            let tried = PreviousAttempts::default();
+            tried.record(addr(tried_addr));
+            let counts = two
+                .count(50, |_| {
+                    let mut req = request(&t);
+                    req.extensions_mut().insert(tried.clone());
+                    req
+                })
+                .await;
+            assert_eq!(share(&counts, 3 - tried_addr), 50, "{counts:?}");
+        }
     }
 
     // A hash policy sticks to the hashed endpoint even when it was tried.

@@ -323,17 +323,31 @@ impl Shared {
         // away from endpoints its earlier attempts used (Envoy's `previous_hosts` predicate,
         // on by default in Istio; hash policies stick to their endpoint), then take what
         // comes as long as it is not ejected.
-        for attempt in 1..=HOST_SELECTION_RETRY_MAX_ATTEMPTS {
-            let used = tried.is_some_and(|tried| {
+        let used = |index: usize| {
+            tried.is_some_and(|tried| {
                 snapshot
                     .endpoints
                     .get(index)
                     .is_some_and(|e| tried.contains(e.address))
-            });
-            if !used && !ejection.skips(index) {
+            })
+        };
+        for attempt in 1..=HOST_SELECTION_RETRY_MAX_ATTEMPTS {
+            if !used(index) && !ejection.skips(index) {
                 break;
             }
             index = pick(attempt)?;
+        }
+        if used(index) {
+            // Re-picks can keep landing on a tried endpoint: P2C over two endpoints compares
+            // both every time and prefers the same one (a dead endpoint refusing connections
+            // looks fast). A retry then takes the next endpoint it has not tried, if any.
+            let n = snapshot.picker.nodes().len();
+            if let Some(fresh) = (1..n)
+                .map(|k| (index + k) % n)
+                .find(|&i| !used(i) && !ejection.skips(i))
+            {
+                index = fresh;
+            }
         }
         if ejection.skips(index) {
             // The next endpoint in the set that is in service.
