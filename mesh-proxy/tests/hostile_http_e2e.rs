@@ -1,7 +1,7 @@
 //! Hostile input against the outbound and inbound listeners, over raw sockets: request
 //! smuggling shapes (`Content-Length` with `Transfer-Encoding`, two different
 //! `Content-Length`s), invalid header bytes, random bytes, TLS garbage on a STRICT mTLS port,
-//! and connections reset mid-request. Each gets its refusal, nothing smuggled or malformed
+//! connections reset mid-request, and an HTTP/2 rapid-reset flood. Each gets its refusal, nothing smuggled or malformed
 //! reaches the app, and the proxy keeps serving.
 //!
 //! `Content-Length` with `Transfer-Encoding` is not refused: hyper frames the request by
@@ -197,4 +197,79 @@ async fn tls_garbage_on_a_strict_mtls_port_is_closed_and_the_port_keeps_serving(
     support::text(resp).await;
     client.shutdown().await;
     server.shutdown().await;
+}
+
+/// One HTTP/2 frame: 9-byte header (length, type, flags, stream) and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The frames a client sends until the connection closes (at most 10 s): `(type, stream,
+/// payload)`. A connection the proxy holds open past that fails the test.
+async fn h2_frames_until_close(s: &mut TcpStream) -> Vec<(u8, u32, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the proxy held the connection open");
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at + 9 <= buf.len() {
+        let len = (usize::from(buf[at]) << 16)
+            | (usize::from(buf[at + 1]) << 8)
+            | usize::from(buf[at + 2]);
+        let stream =
+            u32::from_be_bytes([buf[at + 5], buf[at + 6], buf[at + 7], buf[at + 8]]) & 0x7fff_ffff;
+        let end = (at + 9 + len).min(buf.len());
+        frames.push((buf[at + 3], stream, buf[at + 9..end].to_vec()));
+        at = end;
+    }
+    frames
+}
+
+/// HTTP/2 "rapid reset" (CVE-2023-44487): 1,000 streams opened and cancelled at once on one
+/// prior-knowledge h2c connection. hyper's pending-accept-reset limit, configured on purpose
+/// (`HTTP2_MAX_PENDING_ACCEPT_RESETS` in `server.rs`), answers with a GOAWAY
+/// `ENHANCE_YOUR_CALM` and closes; few of the streams reach the app; the proxy keeps serving.
+#[tokio::test]
+async fn http2_rapid_reset_is_cut_with_enhance_your_calm() {
+    let app = App::start("reviews").await;
+    let proxy = support::start_proxy(&format!(
+        "{}{}",
+        bootstrap("client", None),
+        service_entry("reviews", 9080, "HTTP", &[app.addr])
+    ))
+    .await;
+    let out = proxy.outbound_addr().unwrap();
+
+    // HPACK, static table only: :method GET, :scheme http, :path /, :authority literal.
+    let authority = b"reviews:9080";
+    let mut block = vec![0x82, 0x86, 0x84, 0x01, authority.len() as u8];
+    block.extend_from_slice(authority);
+    let mut flood = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    flood.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
+    for i in 0..1000u32 {
+        let stream = 2 * i + 1;
+        flood.extend(h2_frame(0x1, 0x5, stream, &block)); // HEADERS, END_STREAM | END_HEADERS
+        flood.extend(h2_frame(0x3, 0, stream, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+    }
+    let mut s = TcpStream::connect(out).await.unwrap();
+    let _ = s.write_all(&flood).await;
+    let frames = h2_frames_until_close(&mut s).await;
+    let goaway = frames
+        .iter()
+        .find(|(kind, _, _)| *kind == 0x7)
+        .expect("the proxy sent a GOAWAY");
+    let code = u32::from_be_bytes([goaway.2[4], goaway.2[5], goaway.2[6], goaway.2[7]]);
+    assert_eq!(code, 0xb, "GOAWAY ENHANCE_YOUR_CALM");
+    let reached = app.received.load(Ordering::SeqCst);
+    assert!(
+        reached < 100,
+        "{reached} of 1,000 cancelled streams reached the app"
+    );
+
+    // Unharmed: a well-behaved client is served.
+    assert_eq!(answer(out, OK).await, "HTTP/1.1 200 OK");
 }
