@@ -5,15 +5,13 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::app::App;
+use support::binary::{BIN, Binary};
 use support::{bootstrap, get, http1_client, service_entry, text};
-
-const BIN: &str = env!("CARGO_BIN_EXE_mesh-proxy");
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf {
     let path = dir.path().join(name);
@@ -93,35 +91,8 @@ fn spawn_proxy(config: &std::path::Path) -> (std::process::Child, SocketAddr) {
 fn spawn_proxy_with_admin(
     config: &std::path::Path,
 ) -> (std::process::Child, SocketAddr, SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[mesh-proxy] {line}");
-            if line.contains("proxy ready") {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("proxy logged readiness");
-    let field = |name: &str| -> SocketAddr {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")))
-            .unwrap_or_else(|| panic!("no {name}= in {line}"))
-            .parse()
-            .unwrap()
-    };
-    let outbound = field("outbound");
-    (child, outbound, field("admin"))
+    let proxy = Binary::start(config, "info", "mesh-proxy");
+    (proxy.child, proxy.outbound, proxy.admin)
 }
 
 #[tokio::test]

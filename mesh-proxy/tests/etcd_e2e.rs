@@ -6,18 +6,16 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use mesh_discovery::testing::EtcdServer;
 use support::app::App;
+use support::binary::{BIN, Binary};
 use support::tcp::free_ports;
 use support::{get, http1_client};
-
-const BIN: &str = env!("CARGO_BIN_EXE_mesh-proxy");
 
 /// A `mesh-proxy run` child, killed when dropped.
 struct Sidecar {
@@ -62,38 +60,11 @@ spec:
 fn spawn(dir: &Path, name: &str, yaml: &str) -> Sidecar {
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, yaml).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let tag = name.to_string();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[{tag}] {line}");
-            if line.contains("proxy ready") {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("proxy logged readiness");
-    let field = |name: &str| -> SocketAddr {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")))
-            .unwrap_or_else(|| panic!("no {name}= in {line}"))
-            .parse()
-            .unwrap()
-    };
+    let proxy = Binary::start(&path, "info", name);
     Sidecar {
-        admin: field("admin"),
-        outbound: field("outbound"),
-        child,
+        admin: proxy.admin,
+        outbound: proxy.outbound,
+        child: proxy.child,
     }
 }
 

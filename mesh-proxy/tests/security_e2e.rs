@@ -7,19 +7,16 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use http::{Method, StatusCode};
 use support::app::App;
+use support::binary::{BIN, Binary};
 use support::pki::{Pki, STRICT, sidecar};
 use support::{get, http1_client, start_proxy, text};
-
-const BIN: &str = env!("CARGO_BIN_EXE_mesh-proxy");
 
 /// The binary, running with every log line kept.
 struct Sidecar {
@@ -36,51 +33,14 @@ impl Drop for Sidecar {
     }
 }
 
-/// Starts `mesh-proxy run` at `RUST_LOG=trace` (every crate: rustls and hyper included) and
-/// reads its addresses from the "proxy ready" line.
+/// Starts `mesh-proxy run` at `RUST_LOG=trace` (every crate: rustls and hyper included).
 fn spawn_traced(config: &Path) -> Sidecar {
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "trace")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    {
-        let log = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("proxy ready") {
-                    let _ = tx.send(line.clone());
-                }
-                let mut log = log.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-    }
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| panic!("no readiness:\n{}", log.lock().unwrap()));
-    let field = |name: &str| -> SocketAddr {
-        let value = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")))
-            .unwrap_or_else(|| panic!("no {name}= in {line}"));
-        value
-            .trim_start_matches("Some(")
-            .trim_end_matches(')')
-            .parse()
-            .unwrap()
-    };
+    let proxy = Binary::start(config, "trace", "reviews");
     Sidecar {
-        inbound: field("inbound"),
-        admin: field("admin"),
-        child,
-        log,
+        inbound: proxy.inbound.expect("an inbound listener"),
+        admin: proxy.admin,
+        child: proxy.child,
+        log: proxy.log,
     }
 }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 pub mod app;
+pub mod binary;
 pub mod grpc;
 pub mod pki;
 pub mod tcp;
