@@ -110,6 +110,10 @@ pub async fn serve(
 /// upgrade cannot loosen them unnoticed.
 const HTTP2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
 const HTTP2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// Response bytes an HTTP/2 stream may hold for a client that does not open its flow-control
+/// window, before the proxy stops reading the upstream's body (backpressure, not buffering):
+/// hyper's default, pinned for the same reason.
+const HTTP2_MAX_SEND_BUF: usize = 400 * 1024;
 
 /// How a listener serves: the Bootstrap's `limits`, and the proxy's connection counters
 /// (none for a stack served outside a proxy).
@@ -146,7 +150,8 @@ pub fn http_builder(limits: &HttpLimits) -> auto::Builder<TokioExecutor> {
         .max_header_list_size(limits.max_request_headers_bytes)
         .max_concurrent_streams(limits.http2_max_concurrent_streams)
         .max_pending_accept_reset_streams(HTTP2_MAX_PENDING_ACCEPT_RESETS)
-        .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESETS);
+        .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESETS)
+        .max_send_buf_size(HTTP2_MAX_SEND_BUF);
     builder
 }
 

@@ -273,3 +273,84 @@ async fn http2_rapid_reset_is_cut_with_enhance_your_calm() {
     // Unharmed: a well-behaved client is served.
     assert_eq!(answer(out, OK).await, "HTTP/1.1 200 OK");
 }
+
+/// The test process's resident memory, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// HTTP/2 flow-control abuse: a client asks for 20 responses of 8 MiB on one h2c connection
+/// with a stream window of 0 and never opens it. The proxy holds at most its per-stream send
+/// buffer (`HTTP2_MAX_SEND_BUF`) and stops reading the upstream's body, so memory stays far
+/// below the 160 MiB asked for (a quarter is the bound asserted); other clients are served
+/// meanwhile; when the client goes, the upstream connections of its streams are closed.
+#[tokio::test]
+async fn http2_a_window_that_never_opens_costs_a_bounded_buffer() {
+    const STREAMS: u32 = 20;
+    const SIZE: usize = 8 << 20;
+    let app = App::start("reviews").await;
+    let proxy = support::start_proxy(&format!(
+        "{}{}",
+        bootstrap("client", None),
+        service_entry("reviews", 9080, "HTTP", &[app.addr])
+    ))
+    .await;
+    let out = proxy.outbound_addr().unwrap();
+    assert_eq!(answer(out, OK).await, "HTTP/1.1 200 OK");
+    let before = rss_kib();
+
+    // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 0: no stream may send this client a DATA byte.
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend(h2_frame(0x4, 0, 0, &[0, 4, 0, 0, 0, 0]));
+    let authority = b"reviews:9080";
+    let path = format!("/bytes?n={SIZE}");
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path.as_bytes());
+    block.extend([0x01, authority.len() as u8]);
+    block.extend_from_slice(authority);
+    for i in 0..STREAMS {
+        bytes.extend(h2_frame(0x1, 0x5, 2 * i + 1, &block));
+    }
+    let mut abuser = TcpStream::connect(out).await.unwrap();
+    abuser.write_all(&bytes).await.unwrap();
+
+    // Every stream reaches the app, whose responses then stall behind the proxy.
+    let mut waited = Duration::ZERO;
+    while app.received.load(Ordering::SeqCst) < 1 + STREAMS as usize {
+        assert!(
+            waited < Duration::from_secs(10),
+            "the streams never reached the app"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += Duration::from_millis(20);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let grown_mib = rss_kib().saturating_sub(before) / 1024;
+    let asked_mib = u64::from(STREAMS) * (SIZE as u64 >> 20);
+    assert!(
+        grown_mib < asked_mib / 4,
+        "memory grew {grown_mib} MiB for {asked_mib} MiB of responses no one reads"
+    );
+
+    // Others are served meanwhile.
+    assert_eq!(answer(out, OK).await, "HTTP/1.1 200 OK");
+
+    // The client goes: its streams' upstream connections close. The two requests served
+    // around the abuse may each have left a pooled keep-alive connection.
+    drop(abuser);
+    let mut waited = Duration::ZERO;
+    while app.open.load(Ordering::SeqCst) > 2 {
+        assert!(
+            waited < Duration::from_secs(10),
+            "{} upstream connections left open",
+            app.open.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += Duration::from_millis(20);
+    }
+}

@@ -2,6 +2,7 @@
 //!
 //! - `/echo`: streams the request body back as it arrives.
 //! - `/delay?ms=N`: answers after N ms.
+//! - `/bytes?n=N`: N bytes of `x`, streamed in 64 KiB chunks.
 //! - `/fail-every?n=N`: answers 503 to every N-th request the app receives (its `received`
 //!   count), else as usual: a deterministic partly broken endpoint.
 //! - anything else: `hello from NAME`.
@@ -168,6 +169,24 @@ async fn handle(
                 .unwrap_or(0);
             tokio::time::sleep(Duration::from_millis(ms)).await;
             Response::new(body::full(format!("{name} waited {ms} ms")))
+        }
+        "/bytes" => {
+            static CHUNK: [u8; 64 * 1024] = [b'x'; 64 * 1024];
+            let n: usize = req
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("n="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let chunks = (0..n.div_ceil(CHUNK.len())).map(move |i| {
+                let len = (n - i * CHUNK.len()).min(CHUNK.len());
+                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                    bytes::Bytes::from_static(&CHUNK[..len]),
+                ))
+            });
+            Response::new(body::boxed(http_body_util::StreamBody::new(
+                futures::stream::iter(chunks),
+            )))
         }
         _ => Response::new(body::full(format!("hello from {name}"))),
     };
