@@ -52,15 +52,20 @@ async fn closed_within(proxy: SocketAddr, bytes: &[u8], secs: u64) -> String {
 
 const OK: &[u8] = b"GET / HTTP/1.1\r\nHost: reviews:9080\r\nConnection: close\r\n\r\n";
 
-#[tokio::test]
-async fn smuggling_shapes_and_garbage_are_refused_before_the_app() {
-    let app = App::start("reviews").await;
-    let proxy = support::start_proxy(&format!(
+/// A client sidecar that knows `reviews:9080`, served by `app`.
+async fn reviews_proxy(app: &App) -> mesh_proxy::RunningProxy {
+    support::start_proxy(&format!(
         "{}{}",
         bootstrap("client", None),
         service_entry("reviews", 9080, "HTTP", &[app.addr])
     ))
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn smuggling_shapes_and_garbage_are_refused_before_the_app() {
+    let app = App::start("reviews").await;
+    let proxy = reviews_proxy(&app).await;
     let out = proxy.outbound_addr().unwrap();
 
     // Smuggling by CL.TE: one request reaches the app, the one behind it never does.
@@ -236,12 +241,7 @@ async fn h2_frames_until_close(s: &mut TcpStream) -> Vec<(u8, u32, Vec<u8>)> {
 #[tokio::test]
 async fn http2_rapid_reset_is_cut_with_enhance_your_calm() {
     let app = App::start("reviews").await;
-    let proxy = support::start_proxy(&format!(
-        "{}{}",
-        bootstrap("client", None),
-        service_entry("reviews", 9080, "HTTP", &[app.addr])
-    ))
-    .await;
+    let proxy = reviews_proxy(&app).await;
     let out = proxy.outbound_addr().unwrap();
 
     // HPACK, static table only: :method GET, :scheme http, :path /, :authority literal.
@@ -294,12 +294,7 @@ async fn http2_a_window_that_never_opens_costs_a_bounded_buffer() {
     const STREAMS: u32 = 20;
     const SIZE: usize = 8 << 20;
     let app = App::start("reviews").await;
-    let proxy = support::start_proxy(&format!(
-        "{}{}",
-        bootstrap("client", None),
-        service_entry("reviews", 9080, "HTTP", &[app.addr])
-    ))
-    .await;
+    let proxy = reviews_proxy(&app).await;
     let out = proxy.outbound_addr().unwrap();
     assert_eq!(answer(out, OK).await, "HTTP/1.1 200 OK");
     let before = rss_kib();
