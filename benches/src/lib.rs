@@ -1,8 +1,59 @@
 //! Benchmarks for the mesh.
 //!
-//! Nothing is measured here yet. This crate is where the criterion micro-benchmarks (route
+//! This crate is where the criterion micro-benchmarks (route
 //! match, balancer pick, authorization, metrics record, whole stacks in-process) and the
 //! end-to-end load harness (direct connection, one and two sidecar hops, HAProxy) belong.
 //! Every figure quoted anywhere in the project is recorded in `benches/RESULTS.md` with the
 //! command that produced it.
 #![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// A sidecar's Bootstrap for the end-to-end harnesses: outbound and admin on ephemeral
+/// loopback ports, an inbound listener in front of `app` when given, the identity written
+/// by `mesh_tls::ca` into `certs` when given (then a mesh-wide `STRICT` PeerAuthentication
+/// too), and `spec.concurrency` when given.
+pub fn sidecar_yaml(
+    name: &str,
+    app: Option<SocketAddr>,
+    certs: Option<&Path>,
+    concurrency: Option<u32>,
+) -> String {
+    let inbound = app
+        .map(|a| format!("  inbound: {{ listen: \"127.0.0.1:0\", app: \"{a}\" }}\n"))
+        .unwrap_or_default();
+    let identity = certs
+        .map(|d| {
+            format!(
+                "  identity: {{ cert: \"{}\", key: \"{}\", trustBundle: \"{}\" }}\n",
+                d.join("cert.pem").display(),
+                d.join("key.pem").display(),
+                d.join("root.pem").display()
+            )
+        })
+        .unwrap_or_default();
+    let concurrency = concurrency
+        .map(|n| format!("  concurrency: {n}\n"))
+        .unwrap_or_default();
+    let strict = if certs.is_some() {
+        "---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: { name: default, namespace: default }
+spec: { mtls: { mode: STRICT } }
+"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: mesh-proxy/v1
+kind: Bootstrap
+metadata: {{ name: {name}, namespace: default }}
+spec:
+  workload: {{ name: {name}, labels: {{ app: {name} }} }}
+{concurrency}{identity}{inbound}  outbound: {{ listen: \"127.0.0.1:0\" }}
+  admin: {{ listen: \"127.0.0.1:0\" }}
+{strict}"
+    )
+}

@@ -159,39 +159,7 @@ async fn proxy(yaml: &str) -> anyhow::Result<RunningProxy> {
 }
 
 fn sidecar(name: &str, app: Option<SocketAddr>, certs: Option<std::path::PathBuf>) -> String {
-    let inbound = app
-        .map(|a| format!("  inbound: {{ listen: \"127.0.0.1:0\", app: \"{a}\" }}\n"))
-        .unwrap_or_default();
-    let identity = certs
-        .map(|d| {
-            format!(
-                "  identity: {{ cert: \"{}\", key: \"{}\", trustBundle: \"{}\" }}\n",
-                d.join("cert.pem").display(),
-                d.join("key.pem").display(),
-                d.join("root.pem").display()
-            )
-        })
-        .unwrap_or_default();
-    let strict = if identity.is_empty() {
-        ""
-    } else {
-        "---
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: { name: default, namespace: default }
-spec: { mtls: { mode: STRICT } }
-"
-    };
-    format!(
-        "apiVersion: mesh-proxy/v1
-kind: Bootstrap
-metadata: {{ name: {name}, namespace: default }}
-spec:
-  workload: {{ name: {name}, labels: {{ app: {name} }} }}
-{identity}{inbound}  outbound: {{ listen: \"127.0.0.1:0\" }}
-  admin: {{ listen: \"127.0.0.1:0\" }}
-{strict}"
-    )
+    benches::sidecar_yaml(name, app, certs.as_deref(), None)
 }
 
 /// The backend service as the client sidecar sees it: the server sidecar's inbound

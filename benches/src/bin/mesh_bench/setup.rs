@@ -107,49 +107,14 @@ fn issue_certificates(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A sidecar's Bootstrap: outbound and admin on ephemeral loopback ports, an inbound
-/// listener when `app` is given, an identity when `certs` is given (then `STRICT` too).
+/// A sidecar's Bootstrap (see [`benches::sidecar_yaml`]) with the harness's settings.
 fn sidecar(
     name: &str,
     app: Option<SocketAddr>,
     certs: Option<&Path>,
     settings: ProxySettings,
 ) -> String {
-    let inbound = app
-        .map(|a| format!("  inbound: {{ listen: \"127.0.0.1:0\", app: \"{a}\" }}\n"))
-        .unwrap_or_default();
-    let identity = certs
-        .map(|d| {
-            format!(
-                "  identity: {{ cert: \"{}\", key: \"{}\", trustBundle: \"{}\" }}\n",
-                d.join("cert.pem").display(),
-                d.join("key.pem").display(),
-                d.join("root.pem").display()
-            )
-        })
-        .unwrap_or_default();
-    let strict = if certs.is_some() {
-        "---
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: { name: default, namespace: default }
-spec: { mtls: { mode: STRICT } }
-"
-    } else {
-        ""
-    };
-    format!(
-        "apiVersion: mesh-proxy/v1
-kind: Bootstrap
-metadata: {{ name: {name}, namespace: default }}
-spec:
-  workload: {{ name: {name}, labels: {{ app: {name} }} }}
-  concurrency: {}
-{identity}{inbound}  outbound: {{ listen: \"127.0.0.1:0\" }}
-  admin: {{ listen: \"127.0.0.1:0\" }}
-{strict}",
-        settings.concurrency
-    )
+    benches::sidecar_yaml(name, app, certs, Some(settings.concurrency))
 }
 
 /// The backend service as a client sidecar sees it, served at `endpoint`; with `mtls`, the
