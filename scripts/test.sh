@@ -63,10 +63,13 @@ fi
 
 # mesh-discovery and mesh-proxy/tests/etcd_e2e.rs start real etcd servers (Debian's
 # etcd-server, 3.4, v3 API) on free loopback ports; etcd-client compiles etcd's protos with
-# protoc (protobuf-compiler).
+# protoc (protobuf-compiler) and needs protobuf's well-known types (google/protobuf/*.proto,
+# in libprotobuf-dev: only a Recommends of protobuf-compiler, which --no-install-recommends
+# skips).
 missing=()
 need etcd || missing+=(etcd-server)
 need protoc || missing+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "== installing ${missing[*]} (Debian packages)"
     apt_install "${missing[@]}"
