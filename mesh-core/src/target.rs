@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::config::ServicePort;
-use crate::config::networking::TrafficPolicy;
+use crate::config::networking::{H2UpgradePolicy, TrafficPolicy};
 use crate::labels::Labels;
 
 /// The destination routing chose for a request.
@@ -51,7 +51,26 @@ impl RouteTarget {
             retry: Arc::new(RetryPolicy::istio_default()),
         }
     }
+
+    /// Whether the DestinationRule's `connectionPool.http.h2UpgradePolicy` is `UPGRADE`: HTTP/1.1
+    /// requests to this target travel as HTTP/2 streams over one multiplexed connection per
+    /// endpoint. Istio's default (`DEFAULT`, `DO_NOT_UPGRADE`, no rule) is not to upgrade.
+    pub fn upgrades_to_http2(&self) -> bool {
+        self.traffic_policy
+            .as_ref()
+            .and_then(|p| p.connection_pool.as_ref())
+            .and_then(|c| c.http.as_ref())
+            .and_then(|h| h.h2_upgrade_policy)
+            == Some(H2UpgradePolicy::Upgrade)
+    }
 }
+
+/// Set by the sending sidecar on a request it upgraded from HTTP/1.x to HTTP/2
+/// ([`RouteTarget::upgrades_to_http2`]): the version the app spoke (`HTTP/1.1`), so the
+/// receiving sidecar hands the request to its app in that version, and removes the header.
+/// Linkerd's `l5d-orig-proto` plays the same part. Only the proxy sets it: the upstream client
+/// removes one arriving from an app.
+pub const ORIG_PROTO_HEADER: http::HeaderName = http::HeaderName::from_static("x-mesh-orig-proto");
 
 /// A DestinationRule subset: a named slice of a service's endpoints, selected by labels.
 #[derive(Clone, Debug, PartialEq)]
@@ -67,6 +86,9 @@ pub struct UpstreamTarget {
     pub addr: SocketAddr,
     /// Speak HTTP/2 (prior knowledge) to this endpoint rather than HTTP/1.1.
     pub http2: bool,
+    /// `http2` only because the route's `h2UpgradePolicy` upgrades HTTP/1.x: the upstream
+    /// client marks the request with [`ORIG_PROTO_HEADER`].
+    pub h2_upgrade: bool,
     /// Who is being called, for error messages (`reviews.default.svc.cluster.local:9080`,
     /// or `inbound app 127.0.0.1:9080`).
     pub service: Arc<str>,
@@ -81,6 +103,7 @@ impl UpstreamTarget {
         UpstreamTarget {
             addr,
             http2,
+            h2_upgrade: false,
             service,
             endpoint_tls: None,
         }

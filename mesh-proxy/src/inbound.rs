@@ -7,6 +7,10 @@
 //! ```
 //!
 //! Telemetry adds its layers after `LocalReply`.
+//!
+//! A request a peer sidecar upgraded to HTTP/2 (`h2UpgradePolicy: UPGRADE`) carries
+//! `x-mesh-orig-proto`; [`ForwardToApp`] removes it and speaks that version (HTTP/1.1) to
+//! the app instead of following the HTTP/2 it arrived in.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,6 +24,7 @@ use tower::util::BoxCloneSyncService;
 
 use arc_swap::ArcSwap;
 use mesh_core::Identity;
+use mesh_core::target::ORIG_PROTO_HEADER;
 use mesh_tls::authz::{AuthorizationPolicies, AuthzLayer};
 
 use crate::headers::ProxyHeadersLayer;
@@ -120,8 +125,11 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> S::Future {
+        // A peer sidecar that upgraded an HTTP/1.x request to HTTP/2 says so: the app gets
+        // the version its caller spoke.
+        let upgraded = req.headers_mut().remove(ORIG_PROTO_HEADER).is_some();
         let http2 = match self.layer.protocol {
-            AppProtocol::Auto => req.version() == Version::HTTP_2,
+            AppProtocol::Auto => req.version() == Version::HTTP_2 && !upgraded,
             AppProtocol::Http1 => false,
             AppProtocol::Http2 => true,
         };

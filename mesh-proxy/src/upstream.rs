@@ -46,7 +46,7 @@ use mesh_core::body::{self, BoxBody, BoxError};
 use mesh_core::config::networking::ClientTlsMode;
 use mesh_core::stream_info::StreamInfo;
 pub use mesh_core::target::UpstreamTarget;
-use mesh_core::target::{EndpointTls, RouteTarget};
+use mesh_core::target::{EndpointTls, ORIG_PROTO_HEADER, RouteTarget};
 use mesh_resilience::pool_limits::{
     CircuitBreakers, DEFAULT_FAIL_FAST, Permit, PoolAdmission, PoolLimits,
 };
@@ -201,6 +201,19 @@ impl Upstream {
             // an mTLS connection proves is there: a plain-text or external server never
             // learns this workload's name, namespace and version.
             req.headers_mut().remove(PEER_METADATA_HEADER);
+        }
+        // The original version travels with an upgraded request, for the peer sidecar to
+        // restore; on any other request the header is not ours to pass on.
+        if target.h2_upgrade && req.version() < Version::HTTP_2 {
+            let version = if req.version() == Version::HTTP_10 {
+                "HTTP/1.0"
+            } else {
+                "HTTP/1.1"
+            };
+            req.headers_mut()
+                .insert(ORIG_PROTO_HEADER, HeaderValue::from_static(version));
+        } else if req.headers().contains_key(ORIG_PROTO_HEADER) {
+            req.headers_mut().remove(ORIG_PROTO_HEADER);
         }
         let pool = self.pool(&target, admission.as_ref(), kind);
         let limits = Checkout {

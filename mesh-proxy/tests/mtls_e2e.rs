@@ -400,6 +400,113 @@ async fn http2_between_sidecars_over_mtls() {
     assert!(header(&resp, "x-seen-xfcc").contains("sa/productpage"));
 }
 
+/// A DestinationRule with `h2UpgradePolicy: UPGRADE` for `reviews`.
+const H2_UPGRADE: &str = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: reviews, namespace: default }
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool: { http: { h2UpgradePolicy: UPGRADE } }
+";
+
+/// `mesh_downstream_connections_total{listener="inbound"}` of a proxy.
+async fn inbound_connections(proxy: &RunningProxy) -> u64 {
+    let resp = http1_client()
+        .request(get(proxy.admin_addr(), "admin", "/metrics"))
+        .await
+        .unwrap();
+    let metrics = text(resp).await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mesh_downstream_connections_total{listener=\"inbound\"} "))
+        .unwrap_or_else(|| panic!("no inbound connection counter in:\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// 16 HTTP/1.1 requests at once through the client sidecar, each held 300 ms by the app;
+/// every answer's `x-seen-version` and `x-seen-orig-proto`.
+async fn concurrent_http1(client: &RunningProxy) -> Vec<(String, String)> {
+    let outbound = client.outbound_addr().unwrap();
+    let calls = (0..16).map(|_| async move {
+        let resp = http1_client()
+            .request(get(outbound, "reviews:9080", "/delay?ms=300"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(header(&resp, "x-seen-xfcc").contains("sa/productpage"));
+        (
+            header(&resp, "x-seen-version"),
+            header(&resp, "x-seen-orig-proto"),
+        )
+    });
+    futures::future::join_all(calls).await
+}
+
+/// `h2UpgradePolicy: UPGRADE`: HTTP/1.1 requests cross between the sidecars as streams of one
+/// mTLS HTTP/2 connection, and the app still gets HTTP/1.1 without the proxies' marker
+/// header; without the rule, the same requests take one connection each.
+#[tokio::test]
+async fn h2_upgrade_carries_http1_requests_over_one_connection_between_sidecars() {
+    let pki = Pki::new();
+    let app = App::start("reviews").await;
+    let server = reviews_sidecar(&pki, &app, STRICT).await;
+    let inbound = server.inbound_addr().unwrap();
+    let certs = pki.issue("productpage");
+
+    let upgrading = start_proxy(&format!(
+        "{}{}{H2_UPGRADE}",
+        sidecar("productpage", None, &certs),
+        support::reviews_entry(inbound, Some("reviews"))
+    ))
+    .await;
+    let seen = concurrent_http1(&upgrading).await;
+    assert!(
+        seen.iter().all(|s| *s == ("HTTP/1.1".into(), "-".into())),
+        "{seen:?}"
+    );
+    assert_eq!(inbound_connections(&server).await, 1);
+
+    // An HTTP/2 client is not marked: its request reaches the app as HTTP/2.
+    let stream = tokio::net::TcpStream::connect(upgrading.outbound_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("http://reviews:9080/")
+        .body(mesh_core::body::empty())
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(header(&resp, "x-seen-version"), "HTTP/2.0");
+    assert_eq!(inbound_connections(&server).await, 1);
+
+    // An app cannot forge the marker: it is removed from requests the proxy did not upgrade.
+    let plain = productpage_sidecar(&certs, inbound, "reviews").await;
+    let mut req = get(plain.outbound_addr().unwrap(), "reviews:9080", "/");
+    req.headers_mut()
+        .insert("x-mesh-orig-proto", "HTTP/1.1".parse().unwrap());
+    let resp = http1_client().request(req).await.unwrap();
+    assert_eq!(header(&resp, "x-seen-orig-proto"), "-");
+    let before = inbound_connections(&server).await;
+
+    // Without the rule: HTTP/1.1 hop by hop, a connection per concurrent request.
+    let seen = concurrent_http1(&plain).await;
+    assert!(seen.iter().all(|s| s.0 == "HTTP/1.1"), "{seen:?}");
+    let opened = inbound_connections(&server).await - before;
+    assert!(
+        opened >= 8,
+        "{opened} connections for 16 concurrent requests"
+    );
+}
+
 /// An HTTPS server outside the mesh, with a certificate for `external.example` from a
 /// public-style root (not the mesh CA): what `tls.mode: SIMPLE` originates TLS to.
 async fn external_https(dir: &Path) -> (SocketAddr, String) {

@@ -9,7 +9,7 @@
 //!
 //! Every response says what the app saw: `x-app` (its name), `x-seen-host`,
 //! `x-seen-path`, `x-seen-version`, `x-seen-end-user`, `x-seen-xff`, `x-seen-xfp`, `x-seen-request-id`, `x-seen-connection`, `x-seen-xfcc`,
-//! `x-seen-peer-metadata` (`-` when the header was absent).
+//! `x-seen-peer-metadata`, `x-seen-orig-proto` (`-` when the header was absent).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -157,6 +157,7 @@ async fn handle(
         ("x-seen-connection", seen("connection")),
         ("x-seen-xfcc", seen("x-forwarded-client-cert")),
         ("x-seen-peer-metadata", seen("x-mesh-peer-metadata")),
+        ("x-seen-orig-proto", seen("x-mesh-orig-proto")),
     ];
     let mut resp = match req.uri().path() {
         "/echo" => Response::new(body::boxed(req.into_body())),

@@ -2,7 +2,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::task::{Context, Poll};
 
-use http::header::HeaderValue;
+use http::header::{HeaderValue, UPGRADE};
 use http::{Request, Response, Version};
 use mesh_core::body::{BoxBody, BoxError};
 use mesh_core::discovery::{Discover, ServiceKey};
@@ -363,11 +363,17 @@ impl Shared {
         ) else {
             return Err(ProxyError::no_healthy_upstream(&target.name));
         };
+        // An HTTP/2 or gRPC port, or a client that already speaks HTTP/2, gets HTTP/2; so
+        // does an HTTP/1.x request the DestinationRule upgrades (not a protocol upgrade such
+        // as WebSocket, which takes an HTTP/1.1 connection of its own).
+        let native = target.service.protocol.is_http2() || req.version() == Version::HTTP_2;
+        let h2_upgrade =
+            !native && target.upgrades_to_http2() && !req.headers().contains_key(UPGRADE);
         Ok(Picked {
             target: UpstreamTarget {
                 addr: endpoint.address,
-                // An HTTP/2 or gRPC port, or a client that already speaks HTTP/2, gets HTTP/2.
-                http2: target.service.protocol.is_http2() || req.version() == Version::HTTP_2,
+                http2: native || h2_upgrade,
+                h2_upgrade,
                 service: target.name.clone(),
                 endpoint_tls: snapshot.tls.get(index).cloned().flatten(),
             },
