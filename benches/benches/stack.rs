@@ -75,21 +75,9 @@ async fn start_backend() -> SocketAddr {
 /// The sidecar's config: a Bootstrap and the backend's ServiceEntry.
 fn config(backend: SocketAddr) -> MeshConfig {
     let yaml = format!(
-        "{}---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{ name: backend, namespace: default }}
-spec:
-  hosts: [backend]
-  ports: [{{ number: 8080, name: http, protocol: HTTP }}]
-  resolution: STATIC
-  location: MESH_INTERNAL
-  endpoints:
-  - {{ address: \"{}\", ports: {{ http: {} }} }}
-",
+        "{}{}",
         benches::sidecar_yaml("client", Some(backend), None, Some(1)),
-        backend.ip(),
-        backend.port()
+        benches::backend_entry(8080, backend, false)
     );
     load_sources(&[Source::new("bench.yaml", yaml)]).expect("a valid bench config")
 }

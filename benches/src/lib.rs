@@ -57,3 +57,31 @@ spec:
 {strict}"
     )
 }
+
+/// The `backend` service on `port` as a client sidecar sees it: a STATIC ServiceEntry with one
+/// endpoint at `endpoint`; with `mtls`, the endpoint carries Istio's
+/// `security.istio.io/tlsMode: istio` label and the `server` service account, so the sidecar
+/// originates mTLS and checks that identity.
+pub fn backend_entry(port: u16, endpoint: SocketAddr, mtls: bool) -> String {
+    let labels = if mtls {
+        "labels: { security.istio.io/tlsMode: istio }, serviceAccount: server, "
+    } else {
+        ""
+    };
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: backend, namespace: default }}
+spec:
+  hosts: [backend]
+  ports: [{{ number: {port}, name: http, protocol: HTTP }}]
+  resolution: STATIC
+  location: MESH_INTERNAL
+  endpoints:
+  - {{ address: \"{}\", {labels}ports: {{ http: {} }} }}
+",
+        endpoint.ip(),
+        endpoint.port()
+    )
+}

@@ -165,27 +165,7 @@ fn sidecar(name: &str, app: Option<SocketAddr>, certs: Option<std::path::PathBuf
 /// The backend service as the client sidecar sees it: the server sidecar's inbound
 /// listener, with Istio's auto-mTLS label when `tls`.
 fn service_entry(inbound: SocketAddr, tls: bool) -> String {
-    let labels = if tls {
-        "labels: { security.istio.io/tlsMode: istio }, serviceAccount: server, "
-    } else {
-        ""
-    };
-    format!(
-        "---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{ name: backend, namespace: default }}
-spec:
-  hosts: [backend]
-  ports: [{{ number: 80, name: http, protocol: HTTP }}]
-  resolution: STATIC
-  location: MESH_INTERNAL
-  endpoints:
-  - {{ address: \"{}\", {labels}ports: {{ http: {} }} }}
-",
-        inbound.ip(),
-        inbound.port()
-    )
+    benches::backend_entry(80, inbound, tls)
 }
 
 /// A backend that answers `hello` to everything, HTTP/1.1 keep-alive.

@@ -13,6 +13,9 @@
 //! - `2-hop`: client sidecar → server sidecar's inbound listener → backend, plaintext;
 //! - `2-hop-mtls`: the same with mutual TLS (auto-mTLS by the endpoint's
 //!   `security.istio.io/tlsMode: istio` label; the server side `STRICT`);
+//! - `2-hop-mtls-h2`: `2-hop-mtls` with the client sidecar's DestinationRule saying
+//!   `h2UpgradePolicy: UPGRADE`, so the sidecars carry the HTTP/1.1 requests as streams of
+//!   HTTP/2 connections between them (the backend still gets HTTP/1.1);
 //! - when `haproxy` is on the PATH: `haproxy-1-hop` (one HAProxy, `nbthread 1`, HTTP mode,
 //!   keep-alive and `http-reuse always` to the backend, no logging) and `haproxy-2-hop-tls`
 //!   (two such HAProxies with mutual TLS between them, certificates from the same CA).

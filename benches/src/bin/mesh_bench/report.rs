@@ -198,7 +198,7 @@ fn per_process(values: &[f64], decimals: usize) -> String {
 fn haproxy_peer(name: &str) -> Option<&'static str> {
     match name {
         "1-hop" => Some("haproxy-1-hop"),
-        "2-hop" | "2-hop-mtls" => Some("haproxy-2-hop-tls"),
+        "2-hop" | "2-hop-mtls" | "2-hop-mtls-h2" => Some("haproxy-2-hop-tls"),
         _ => None,
     }
 }
@@ -414,34 +414,40 @@ fn targets(
         }
         _ => out.push("One hop against HAProxy: not measured (no HAProxy contender).".into()),
     }
-    match (get(Load::Wrk, "2-hop-mtls"), get(Load::Wrk, "direct")) {
-        (Some(m), Some(d)) => {
-            let r = m.rps / d.rps;
-            out.push(format!(
-                "Two hops with mTLS (wrk): throughput ≥ {:.0} % of direct: {} — {} against {} req/s, {:.1} % ({:+.1} points).",
-                TWO_HOP_MTLS_VS_DIRECT * 100.0,
-                verdict(r >= TWO_HOP_MTLS_VS_DIRECT),
-                thousands(m.rps),
-                thousands(d.rps),
-                r * 100.0,
-                (r - TWO_HOP_MTLS_VS_DIRECT) * 100.0
-            ));
+    for name in ["2-hop-mtls", "2-hop-mtls-h2"] {
+        match (get(Load::Wrk, name), get(Load::Wrk, "direct")) {
+            (Some(m), Some(d)) => {
+                let r = m.rps / d.rps;
+                out.push(format!(
+                    "Two hops with mTLS, `{name}` (wrk): throughput ≥ {:.0} % of direct: {} — {} against {} req/s, {:.1} % ({:+.1} points).",
+                    TWO_HOP_MTLS_VS_DIRECT * 100.0,
+                    verdict(r >= TWO_HOP_MTLS_VS_DIRECT),
+                    thousands(m.rps),
+                    thousands(d.rps),
+                    r * 100.0,
+                    (r - TWO_HOP_MTLS_VS_DIRECT) * 100.0
+                ));
+            }
+            _ => out.push(format!(
+                "Two hops with mTLS, `{name}`, against direct (wrk): not measured."
+            )),
         }
-        _ => out.push("Two hops with mTLS against direct (wrk): not measured.".into()),
-    }
-    match (get(Load::Oha, "2-hop-mtls"), get(Load::Oha, "direct")) {
-        (Some(m), Some(d)) => {
-            let added = m.p50 - d.p50;
-            out.push(format!(
-                "Two hops with mTLS at {} req/s (oha): added p50 ≤ {TWO_HOP_MTLS_ADDED_P50_MS} ms over direct: {} — {:.3} ms against {:.3} ms, {added:+.3} ms ({:+.3} ms from the target).",
-                thousands(meta.rate as f64),
-                verdict(added <= TWO_HOP_MTLS_ADDED_P50_MS),
-                m.p50,
-                d.p50,
-                added - TWO_HOP_MTLS_ADDED_P50_MS
-            ));
+        match (get(Load::Oha, name), get(Load::Oha, "direct")) {
+            (Some(m), Some(d)) => {
+                let added = m.p50 - d.p50;
+                out.push(format!(
+                    "Two hops with mTLS, `{name}`, at {} req/s (oha): added p50 ≤ {TWO_HOP_MTLS_ADDED_P50_MS} ms over direct: {} — {:.3} ms against {:.3} ms, {added:+.3} ms ({:+.3} ms from the target).",
+                    thousands(meta.rate as f64),
+                    verdict(added <= TWO_HOP_MTLS_ADDED_P50_MS),
+                    m.p50,
+                    d.p50,
+                    added - TWO_HOP_MTLS_ADDED_P50_MS
+                ));
+            }
+            _ => out.push(format!(
+                "Two hops with mTLS, `{name}`, at 1,000 req/s (oha): not measured."
+            )),
         }
-        _ => out.push("Two hops with mTLS at 1,000 req/s (oha): not measured.".into()),
     }
     let mut idle_worst: Option<(f64, String)> = None;
     let mut conns_worst: Option<(f64, String)> = None;

@@ -14,7 +14,6 @@ use crate::procs::{self, Children, Proc};
 
 /// The service name and port the sidecars know the backend by; clients send it as `Host`.
 pub const HOST: &str = "backend:8080";
-const SERVICE: &str = "backend";
 const SERVICE_PORT: u16 = 8080;
 
 /// One path from the load generator to the backend.
@@ -121,28 +120,19 @@ fn sidecar(
 /// endpoint carries Istio's `security.istio.io/tlsMode: istio` label and the server's
 /// service account, so the sidecar originates mTLS and checks that identity.
 fn service_entry(endpoint: SocketAddr, mtls: bool) -> String {
-    let labels = if mtls {
-        "labels: { security.istio.io/tlsMode: istio }, serviceAccount: server, "
-    } else {
-        ""
-    };
-    format!(
-        "---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{ name: {SERVICE}, namespace: default }}
-spec:
-  hosts: [{SERVICE}]
-  ports: [{{ number: {SERVICE_PORT}, name: http, protocol: HTTP }}]
-  resolution: STATIC
-  location: MESH_INTERNAL
-  endpoints:
-  - {{ address: \"{}\", {labels}ports: {{ http: {} }} }}
-",
-        endpoint.ip(),
-        endpoint.port()
-    )
+    benches::backend_entry(SERVICE_PORT, endpoint, mtls)
 }
+
+/// A DestinationRule upgrading the backend's HTTP/1.1 requests to HTTP/2 between sidecars.
+const H2_UPGRADE: &str = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: backend, namespace: default }
+spec:
+  host: backend
+  trafficPolicy:
+    connectionPool: { http: { h2UpgradePolicy: UPGRADE } }
+";
 
 /// An HAProxy with one thread, HTTP mode, keep-alive to the server and connection reuse,
 /// no logging. `bind_extra` / `server_extra` add TLS to either side.
@@ -235,8 +225,14 @@ pub fn start_all(
         procs: vec![mesh("sidecar", one.pid, true)],
     });
 
-    // 2-hop and 2-hop-mtls: client sidecar → server sidecar's inbound → backend.
-    for (name, mtls) in [("2-hop", false), ("2-hop-mtls", true)] {
+    // 2-hop and 2-hop-mtls: client sidecar → server sidecar's inbound → backend;
+    // 2-hop-mtls-h2: the client sidecar's DestinationRule upgrades the hop between the
+    // sidecars to HTTP/2 (`h2UpgradePolicy: UPGRADE`), the backend still gets HTTP/1.1.
+    for (name, mtls, h2) in [
+        ("2-hop", false, false),
+        ("2-hop-mtls", true, false),
+        ("2-hop-mtls-h2", true, true),
+    ] {
         let cfg = write(
             dir.join(format!("{name}-server.yaml")),
             &sidecar(
@@ -254,14 +250,15 @@ pub fn start_all(
         let cfg = write(
             dir.join(format!("{name}-client.yaml")),
             &format!(
-                "{}{}",
+                "{}{}{}",
                 sidecar(
                     "client",
                     None,
                     mtls.then_some(client_certs.as_path()),
                     settings
                 ),
-                service_entry(inbound, mtls)
+                service_entry(inbound, mtls),
+                if h2 { H2_UPGRADE } else { "" }
             ),
         )?;
         let client =
