@@ -368,19 +368,9 @@ spec:
     assert_eq!(echo(plain).await, None);
 }
 
-/// HTTP/2 between sidecars: ALPN `h2` on the mTLS connection, and the app sees HTTP/2.
-#[tokio::test]
-async fn http2_between_sidecars_over_mtls() {
-    let pki = Pki::new();
-    let app = App::start("reviews").await;
-    let server = reviews_sidecar(&pki, &app, STRICT).await;
-    let client = productpage_sidecar(
-        &pki.issue("productpage"),
-        server.inbound_addr().unwrap(),
-        "reviews",
-    )
-    .await;
-    // An HTTP/2 client names the service in `:authority` and connects to its sidecar.
+/// `GET http://reviews:9080/` from an HTTP/2 client (prior knowledge) through `client`'s
+/// outbound listener: the service named in `:authority`.
+async fn h2_get_reviews(client: &RunningProxy) -> http::Response<hyper::body::Incoming> {
     let stream = tokio::net::TcpStream::connect(client.outbound_addr().unwrap())
         .await
         .unwrap();
@@ -394,7 +384,22 @@ async fn http2_between_sidecars_over_mtls() {
     let req = http::Request::get("http://reviews:9080/")
         .body(mesh_core::body::empty())
         .unwrap();
-    let resp = h2.send_request(req).await.unwrap();
+    h2.send_request(req).await.unwrap()
+}
+
+/// HTTP/2 between sidecars: ALPN `h2` on the mTLS connection, and the app sees HTTP/2.
+#[tokio::test]
+async fn http2_between_sidecars_over_mtls() {
+    let pki = Pki::new();
+    let app = App::start("reviews").await;
+    let server = reviews_sidecar(&pki, &app, STRICT).await;
+    let client = productpage_sidecar(
+        &pki.issue("productpage"),
+        server.inbound_addr().unwrap(),
+        "reviews",
+    )
+    .await;
+    let resp = h2_get_reviews(&client).await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(header(&resp, "x-seen-version"), "HTTP/2.0");
     assert!(header(&resp, "x-seen-xfcc").contains("sa/productpage"));
@@ -471,20 +476,7 @@ async fn h2_upgrade_carries_http1_requests_over_one_connection_between_sidecars(
     assert_eq!(inbound_connections(&server).await, 1);
 
     // An HTTP/2 client is not marked: its request reaches the app as HTTP/2.
-    let stream = tokio::net::TcpStream::connect(upgrading.outbound_addr().unwrap())
-        .await
-        .unwrap();
-    let (mut h2, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::get("http://reviews:9080/")
-        .body(mesh_core::body::empty())
-        .unwrap();
-    let resp = h2.send_request(req).await.unwrap();
+    let resp = h2_get_reviews(&upgrading).await;
     assert_eq!(header(&resp, "x-seen-version"), "HTTP/2.0");
     assert_eq!(inbound_connections(&server).await, 1);
 
