@@ -1,5 +1,5 @@
-//! Connection idle timeouts: a stream wrapper that notes when bytes last moved, and a future
-//! that resolves once none have for a given time.
+//! Connection idle timeouts: a stream wrapper that notes that bytes moved, and a future that
+//! resolves once none have for a given time.
 //!
 //! hyper's server has a header-read timeout but no idle timeout for keep-alive connections,
 //! and Istio closes a connection idle for an hour (its `idleTimeout` default). Tracking at the
@@ -10,12 +10,11 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Instant;
 
 pin_project_lite::pin_project! {
     /// `IO`, noting in its [`Activity`] every read or write that moves bytes.
@@ -26,19 +25,24 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// When a [`Tracked`] stream last moved bytes.
+/// Whether a [`Tracked`] stream moved bytes since [`Activity::idle_for`] last looked.
+///
+/// A flag rather than a timestamp: reading the clock on every read and write of every
+/// connection costs more than the idle check needs. The check looks every eighth of the
+/// timeout instead, so a connection closes after between `timeout` and `timeout` plus an
+/// eighth of it without a byte moving.
 #[derive(Clone, Debug)]
 pub struct Activity {
-    start: Instant,
-    /// Milliseconds from `start` to the last read or write.
-    last_ms: Arc<AtomicU64>,
+    moved: Arc<AtomicBool>,
 }
+
+/// How many times per timeout [`Activity::idle_for`] looks at the flag.
+const CHECKS_PER_TIMEOUT: u32 = 8;
 
 impl<IO> Tracked<IO> {
     pub fn new(io: IO) -> (Tracked<IO>, Activity) {
         let activity = Activity {
-            start: Instant::now(),
-            last_ms: Arc::new(AtomicU64::new(0)),
+            moved: Arc::new(AtomicBool::new(false)),
         };
         (
             Tracked {
@@ -52,22 +56,20 @@ impl<IO> Tracked<IO> {
 
 impl Activity {
     fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.moved.store(true, Ordering::Relaxed);
     }
 
-    fn last(&self) -> Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
-
-    /// Resolves once no byte has moved for `timeout`.
+    /// Resolves once no byte has moved for `timeout` (up to an eighth of it more).
     pub async fn idle_for(&self, timeout: Duration) {
-        loop {
-            let deadline = self.last() + timeout;
-            if Instant::now() >= deadline {
-                return;
+        let check = (timeout / CHECKS_PER_TIMEOUT).max(Duration::from_millis(1));
+        let mut quiet = Duration::ZERO;
+        while quiet < timeout {
+            tokio::time::sleep(check).await;
+            if self.moved.swap(false, Ordering::Relaxed) {
+                quiet = Duration::ZERO;
+            } else {
+                quiet += check;
             }
-            tokio::time::sleep_until(deadline).await;
         }
     }
 }
@@ -132,6 +134,17 @@ impl<IO: AsyncWrite> AsyncWrite for Tracked<IO> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_idle_within_an_eighth_past_the_timeout() {
+        let (a, _b) = tokio::io::duplex(64);
+        let (_tracked, activity) = Tracked::new(a);
+        let waiter = tokio::spawn(async move { activity.idle_for(Duration::from_secs(8)).await });
+        tokio::time::sleep(Duration::from_millis(7_900)).await;
+        assert!(!waiter.is_finished(), "idle before the timeout");
+        tokio::time::sleep(Duration::from_millis(1_150)).await;
+        assert!(waiter.is_finished(), "not idle an eighth past the timeout");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn idle_resolves_only_after_a_quiet_timeout() {
