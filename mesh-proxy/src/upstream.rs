@@ -437,6 +437,8 @@ impl EndpointPool {
         .await
         .map_err(|e| connect_failed(&e))?;
         let (sender, conn) = http1::Builder::new()
+            // Flattened writes, as the server side (see `server::http_builder`).
+            .writev(false)
             .handshake(io)
             .await
             .map_err(|e| connect_failed(&e))?;
