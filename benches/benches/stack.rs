@@ -50,25 +50,13 @@ use tower::{Service, ServiceExt};
 
 const HOST: &str = "backend:8080";
 
-/// A backend answering `200 hello` over HTTP/1.1 keep-alive, on the bench's runtime.
+/// A backend answering `200 hello` ([`benches::serve_hello`]), on the bench's runtime.
 async fn start_backend() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind the backend");
     let addr = listener.local_addr().expect("backend address");
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(body::full("hello")))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    tokio::spawn(benches::serve_hello(listener));
     addr
 }
 

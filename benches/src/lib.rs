@@ -85,3 +85,28 @@ spec:
         endpoint.port()
     )
 }
+
+/// Answers `200 hello` to every request on `listener`, HTTP/1.1 keep-alive or HTTP/2 with
+/// prior knowledge (h2c), each connection on its own task: the backend of every harness and
+/// bench here. An accept error (out of file descriptors, most likely) backs off for 10 ms
+/// rather than spinning.
+pub async fn serve_hello(listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(mesh_core::body::full(
+                    "hello",
+                )))
+            });
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+        });
+    }
+}

@@ -212,7 +212,7 @@ impl Upstream {
             };
             req.headers_mut()
                 .insert(ORIG_PROTO_HEADER, HeaderValue::from_static(version));
-        } else if req.headers().contains_key(ORIG_PROTO_HEADER) {
+        } else {
             req.headers_mut().remove(ORIG_PROTO_HEADER);
         }
         let pool = self.pool(&target, admission.as_ref(), kind);

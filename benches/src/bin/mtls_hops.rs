@@ -20,7 +20,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -168,28 +167,10 @@ fn service_entry(inbound: SocketAddr, tls: bool) -> String {
     benches::backend_entry(80, inbound, tls)
 }
 
-/// A backend that answers `hello` to everything, HTTP/1.1 keep-alive.
+/// A backend that answers `hello` to everything ([`benches::serve_hello`]).
 async fn backend() -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(mesh_core::body::full(
-                        "hello",
-                    )))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    tokio::spawn(benches::serve_hello(listener));
     Ok(addr)
 }

@@ -52,38 +52,16 @@ pub fn start_backend() -> anyhow::Result<SocketAddr> {
         .context("backend: cannot build its runtime")?;
     std::thread::Builder::new()
         .name("backend".into())
-        .spawn(move || rt.block_on(serve_backend(listener)))
+        .spawn(move || {
+            rt.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => benches::serve_hello(listener).await,
+                    Err(e) => eprintln!("backend: {e}"),
+                }
+            })
+        })
         .context("backend: cannot start its thread")?;
     Ok(addr)
-}
-
-async fn serve_backend(listener: std::net::TcpListener) {
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("backend: {e}");
-            return;
-        }
-    };
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            // Out of file descriptors, most likely: back off rather than spin.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(|_req| async {
-                Ok::<_, std::convert::Infallible>(http::Response::new(mesh_core::body::full(
-                    "hello",
-                )))
-            });
-            let _ =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-        });
-    }
 }
 
 /// Certificates for the `client` and `server` service accounts, from one mesh CA
