@@ -37,7 +37,7 @@ use mesh_routing::RouteTable;
 use tokio::net::TcpStream;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::tcp_out::{OutboundTcp, proxy_to_service};
+use crate::tcp_out::{OutboundTcp, proxy_with_local};
 use crate::upstream::{DEFAULT_CONNECT_TIMEOUT, Upstream};
 
 /// Istio's name for the cluster of traffic to destinations the mesh does not know.
@@ -273,7 +273,9 @@ pub async fn opaque(
     if let Some(service) = tcp.service_at(original) {
         tracing::trace!(%remote, %original, service = %service.host, "captured TCP to a mesh service");
         // Failures are logged (naming service and endpoint) by the TCP path itself.
-        let _ = proxy_to_service(client, remote, service, &tcp.tcp).await;
+        // The original destination is the address the client dialled, for the TCP routes'
+        // `destinationSubnets`.
+        let _ = proxy_with_local(client, remote, Some(original), service, &tcp.tcp).await;
         return;
     }
     if tcp.passthrough_allowed() {

@@ -1,19 +1,23 @@
 //! Outbound opaque TCP: one client connection proxied to one endpoint of a service port, as
 //! Envoy's `tcp_proxy` filter does for an Istio sidecar's TCP ports.
 //!
-//! [`proxy_to_service`] is the entry point of every listener that has already decided a
+//! [`proxy_to_service`] (or [`proxy_with_local`]) is the entry point of every listener that has already decided a
 //! connection is opaque TCP for a known service port: the Sidecar egress listeners of
 //! `crate::sidecar_listeners` (Istio's `captureMode: NONE`), and transparently captured
 //! connections whose first bytes are not HTTP.
 //!
 //! Per connection, in order:
 //!
-//! 1. **Cluster**: the service port's DestinationRule traffic policy (exported to this
-//!    proxy, `workloadSelector`, exact host over wildcard, port-level settings) is resolved
-//!    by `mesh_routing`'s own resolver: a route table built for this module from the current
-//!    config as a proxy no VirtualService applies to (VirtualService `http` routes do not
-//!    apply to TCP ports in Istio, and `tcp` routes are not supported yet). It is rebuilt
-//!    when the config snapshot changes, so a reload applies to the next connection.
+//! 1. **Route**: the route table of the current config (`mesh_routing`'s, rebuilt when the
+//!    snapshot changes, so a reload applies to the next connection) picks the target: the
+//!    first of the service's VirtualService `tcp` routes that applies (match `port`,
+//!    `sourceLabels`, `sourceNamespace`, `gateways`, and the dialled address in
+//!    `destinationSubnets`, the client's in `sourceSubnet`), its destinations drawn by
+//!    weight, with the destination's DestinationRule traffic policy and subset; else the
+//!    service itself with its DestinationRule policy (exported to this proxy,
+//!    `workloadSelector`, exact host over wildcard, port-level settings). VirtualService
+//!    `http` routes do not apply to TCP, as in Istio. A destination that is not a known
+//!    service, port or subset closes the connection (`NC`).
 //! 2. **Endpoint**: the proxy's one balancer (`mesh_routing::balance`) picks an endpoint of
 //!    the live endpoint set by the DestinationRule's `loadBalancer` policy (default: P2C over
 //!    peak EWMA), skipping endpoints outlier detection ejected. The connection counts as in
@@ -73,7 +77,7 @@ use mesh_core::{Identity, ProxyError, ResponseFlags};
 use mesh_resilience::outlier::OutlierDetectionLayer;
 use mesh_resilience::pool_limits::{CircuitBreakers, Permit, PoolLimits};
 use mesh_routing::balance::BalanceLayer;
-use mesh_routing::{RouteLayer, RouteTable, SourceContext};
+use mesh_routing::{RouteTable, SourceContext};
 use mesh_telemetry::metrics::{
     Reporter, SecurityPolicy, TcpConnection, TcpConnectionMetrics, TcpMetrics,
 };
@@ -86,11 +90,6 @@ use crate::upstream::{self, DEFAULT_CONNECT_TIMEOUT, SecurityKind, SecurityPlan}
 
 /// Istio's default `connectionPool.tcp.idleTimeout` for TCP proxying.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
-
-/// A gateway name no Gateway can have: a route table built for it applies no `mesh`
-/// VirtualService, so every service port keeps its default route, whose target carries the
-/// DestinationRule traffic policy and nothing else.
-const NO_VIRTUAL_SERVICES: &str = "\u{0}mesh-proxy/tcp";
 
 /// Why an outbound TCP connection was not proxied. The client connection is closed.
 #[derive(Debug, thiserror::Error)]
@@ -119,13 +118,10 @@ impl TcpOutError {
 /// and its TCP metrics. Make one per proxy and share it by `Arc`.
 pub struct OutboundTcp {
     config: Arc<ArcSwap<MeshConfig>>,
-    /// DestinationRule resolution, then balancing, outlier detection and the dial.
-    routed: Stack,
-    /// Balancing, outlier detection and the dial, for a target routing cannot name
-    /// (wildcard hosts): the service with no traffic policy.
+    /// Balancing, outlier detection and the dial, for the target the route table chose.
     balanced: Stack,
-    /// The route table `routed` reads, and the config snapshot it was built from.
-    table: Arc<ArcSwap<RouteTable>>,
+    /// The route table (its TCP routes), and the config snapshot it was built from.
+    table: ArcSwap<RouteTable>,
     built_from: Mutex<Option<Arc<MeshConfig>>>,
     metrics: TcpMetrics,
 }
@@ -154,14 +150,10 @@ impl OutboundTcp {
                 move |req: Request<BoxBody>| dial.clone().call(req),
             )),
         ));
-        let table = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
-        let routed =
-            BoxCloneSyncService::new(RouteLayer::new(table.clone()).layer(balanced.clone()));
         OutboundTcp {
             config,
-            routed,
             balanced,
-            table,
+            table: ArcSwap::from_pointee(RouteTable::default()),
             built_from: Mutex::new(None),
             metrics,
         }
@@ -172,22 +164,22 @@ impl OutboundTcp {
         self.config.load_full()
     }
 
-    /// Rebuilds the DestinationRule table when the config snapshot changed since it was
-    /// built. The lock is held for the check and the build only, never across an await.
-    fn refresh(&self) {
+    /// The route table of the current config snapshot, rebuilt first when the snapshot
+    /// changed since it was built. The lock is held for the check and the build only, never
+    /// across an await.
+    fn table(&self) -> Arc<RouteTable> {
         let config = self.config.load_full();
         let mut built = self
             .built_from
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if built.as_ref().is_some_and(|b| Arc::ptr_eq(b, &config)) {
-            return;
+        if !built.as_ref().is_some_and(|b| Arc::ptr_eq(b, &config)) {
+            let source = SourceContext::from_config(&config);
+            self.table
+                .store(Arc::new(RouteTable::build(&config, &source)));
+            *built = Some(config);
         }
-        let mut source = SourceContext::from_config(&config);
-        source.gateways = vec![NO_VIRTUAL_SERVICES.to_string()];
-        self.table
-            .store(Arc::new(RouteTable::build(&config, &source)));
-        *built = Some(config);
+        self.table.load_full()
     }
 
     /// Picks an endpoint of `service` and connects to it: the connection, its endpoint and
@@ -197,51 +189,36 @@ impl OutboundTcp {
         service: &Arc<ServicePort>,
         client: ClientInfo,
     ) -> Result<Connected, TcpOutError> {
-        self.refresh();
-        let slot = DialSlot::default();
-        let name: Arc<str> = format!("{}:{}", service.host, service.number).into();
-        let request = |routed: bool| {
-            let mut req = Request::new(body::empty());
-            if routed {
-                if let Ok(value) = http::HeaderValue::from_str(&name) {
-                    req.headers_mut().insert(http::header::HOST, value);
-                }
-            } else {
-                req.extensions_mut()
-                    .insert(RouteTarget::new(service.clone()));
-            }
-            req.extensions_mut().insert(client.clone());
-            req.extensions_mut().insert(slot.clone());
-            req
-        };
-        // Wildcard hosts have no name a route table can be asked for.
-        let routable = !service.host.is_wildcard();
-        let mut result = if routable {
-            call(&self.routed, request(true)).await
-        } else {
-            call(&self.balanced, request(false)).await
-        };
-        if routable
-            && let Err(e) = &result
-            && ProxyError::find(e).is_some_and(|p| p.flags() == ResponseFlags::NO_ROUTE_FOUND)
-        {
+        let target = match self.table().select_tcp(service, &client) {
+            Some(Ok(target)) => target,
+            Some(Err(no_cluster)) => return Err(TcpOutError::Upstream(no_cluster)),
             // The snapshot the service came from knows a port the table's does not (a
-            // reload in between): balance over the service as given.
-            result = call(&self.balanced, request(false)).await;
-        }
-        let response = result.map_err(|e| match ProxyError::find(&e) {
-            Some(p) => TcpOutError::Upstream(ProxyError::new(p.flags(), p)),
-            None => TcpOutError::Internal {
-                service: name.clone(),
-                message: e.to_string(),
-            },
-        })?;
+            // reload in between): the service as given, without traffic policy.
+            None => RouteTarget::new(service.clone()),
+        };
+        let destination = target.service.host.to_arc();
+        let name = target.name.clone();
+        let slot = DialSlot::default();
+        let mut req = Request::new(body::empty());
+        req.extensions_mut().insert(target);
+        req.extensions_mut().insert(client);
+        req.extensions_mut().insert(slot.clone());
+        let response = call(&self.balanced, req)
+            .await
+            .map_err(|e| match ProxyError::find(&e) {
+                Some(p) => TcpOutError::Upstream(ProxyError::new(p.flags(), p)),
+                None => TcpOutError::Internal {
+                    service: name.clone(),
+                    message: e.to_string(),
+                },
+            })?;
         let dialed = slot.take().ok_or_else(|| TcpOutError::Internal {
             service: name.clone(),
             message: "the balancer answered without a connection".to_string(),
         })?;
         Ok(Connected {
             dialed,
+            destination,
             in_flight: response,
         })
     }
@@ -261,6 +238,8 @@ fn call(
 /// A connection made for a client, with what keeps its endpoint's in-flight count.
 struct Connected {
     dialed: Dialed,
+    /// The service the route sent the connection to, for its metrics.
+    destination: Arc<str>,
     /// The balancer's response: its body is open until this is dropped, which is when the
     /// balancer counts the connection as done.
     in_flight: Response<BoxBody>,
@@ -285,10 +264,11 @@ where
     proxy_with_local(client, remote, None, service, ctx).await
 }
 
-/// [`proxy_to_service`] with the address the client connected to, for the balancer's
-/// `ClientInfo` (source-IP hashing reads the remote address only; the local one is
-/// informational).
-pub(crate) async fn proxy_with_local<C>(
+/// [`proxy_to_service`] with `local`, the address the client dialled: a captured
+/// connection's original destination, or the listener's address. VirtualService `tcp`
+/// routes match it against their `destinationSubnets` (without it, the client's own address
+/// stands in).
+pub async fn proxy_with_local<C>(
     client: C,
     remote: SocketAddr,
     local: Option<SocketAddr>,
@@ -303,10 +283,10 @@ where
         local: local.unwrap_or(remote),
         tls: false,
     };
-    let destination = service.host.to_arc();
     let connected = match ctx.connect(&service, info).await {
         Ok(connected) => connected,
         Err(e) => {
+            let destination = service.host.to_arc();
             tracing::warn!(%remote, error = %e, "outbound TCP connection closed: the service could not be reached");
             let mut metrics = ctx.metrics.connection(TcpConnection {
                 destination_service: Some(destination),
@@ -318,7 +298,11 @@ where
             return Err(e);
         }
     };
-    let Connected { dialed, in_flight } = connected;
+    let Connected {
+        dialed,
+        destination,
+        in_flight,
+    } = connected;
     let mut metrics = ctx.metrics.connection(TcpConnection {
         peer: dialed.peer,
         destination_service: Some(destination),

@@ -636,3 +636,117 @@ async fn an_auto_inbound_tells_opaque_tcp_from_http() {
     client.shutdown().await;
     server.shutdown().await;
 }
+
+/// The client config of the TCP traffic-shifting test: `tcp-echo` on `port` with endpoints
+/// `v1` and `v2` (labelled `version`), their DestinationRule subsets, a VirtualService whose
+/// `tcp` route sends `w1` % of connections to v1 and the rest to v2, and a TCP egress
+/// listener on `port`.
+fn shifting_config(port: u16, v1: SocketAddr, v2: SocketAddr, w1: u32) -> String {
+    format!(
+        "{}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: tcp-echo, namespace: default }}
+spec:
+  hosts: [tcp-echo]
+  ports: [{{ number: {port}, name: tcp, protocol: TCP }}]
+  resolution: STATIC
+  endpoints:
+  - {{ address: \"{}\", ports: {{ tcp: {} }}, labels: {{ version: v1 }} }}
+  - {{ address: \"{}\", ports: {{ tcp: {} }}, labels: {{ version: v2 }} }}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: tcp-echo, namespace: default }}
+spec:
+  host: tcp-echo
+  subsets:
+  - {{ name: v1, labels: {{ version: v1 }} }}
+  - {{ name: v2, labels: {{ version: v2 }} }}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: tcp-echo, namespace: default }}
+spec:
+  hosts: [tcp-echo]
+  tcp:
+  - match: [{{ port: {port} }}]
+    route:
+    - {{ destination: {{ host: tcp-echo, subset: v1 }}, weight: {w1} }}
+    - {{ destination: {{ host: tcp-echo, subset: v2 }}, weight: {} }}
+{}",
+        bootstrap("client", None),
+        v1.ip(),
+        v1.port(),
+        v2.ip(),
+        v2.port(),
+        100 - w1,
+        sidecar_resource(
+            "client",
+            &format!(
+                "  egress:
+  - port: {{ number: {port}, protocol: TCP, name: tcp }}
+    bind: 127.0.0.1
+    hosts: [\"./tcp-echo\"]
+"
+            )
+        )
+    )
+}
+
+/// Connects to `addr` and reads the server's 3-byte greeting: which version answered.
+async fn greeting(addr: SocketAddr) -> (TcpStream, String) {
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    let mut hello = [0u8; 3];
+    tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut hello))
+        .await
+        .expect("the endpoint greets")
+        .unwrap();
+    (conn, String::from_utf8_lossy(&hello).into_owned())
+}
+
+/// Istio's TCP traffic shifting: a VirtualService `tcp` route splits connections 80/20
+/// between two subsets, then a new config moves them all to v2 while a connection opened
+/// to v1 before the change keeps working.
+#[tokio::test]
+async fn a_tcp_route_shifts_connections_between_subsets_by_weight() {
+    let v1 = speaks_first("v1\n").await;
+    let v2 = speaks_first("v2\n").await;
+    let (client, ports) = start_with_ports(1, |p| shifting_config(p[0], v1, v2, 80)).await;
+    let egress = client.egress_addrs()[0];
+
+    let mut seen = std::collections::HashMap::<String, u32>::new();
+    for _ in 0..200 {
+        let (_, version) = greeting(egress).await;
+        *seen.entry(version).or_default() += 1;
+    }
+    let to_v1 = seen.get("v1\n").copied().unwrap_or(0);
+    let to_v2 = seen.get("v2\n").copied().unwrap_or(0);
+    assert_eq!(to_v1 + to_v2, 200, "{seen:?}");
+    // 80 % of 200 is 160; ± 28 is five standard deviations of the binomial draw.
+    assert!((132..=188).contains(&to_v1), "{seen:?}");
+
+    // A connection that went to v1 before the change...
+    let mut held = loop {
+        let (conn, version) = greeting(egress).await;
+        if version == "v1\n" {
+            break conn;
+        }
+    };
+    client
+        .apply_config(support::load(&shifting_config(ports[0], v1, v2, 0)))
+        .unwrap();
+    // ...new connections all go to v2...
+    for _ in 0..50 {
+        assert_eq!(greeting(egress).await.1, "v2\n");
+    }
+    // ...and the one in flight still carries bytes to v1.
+    held.write_all(b"still here").await.unwrap();
+    let mut echoed = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(5), held.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed, b"still here");
+    client.shutdown().await;
+}

@@ -68,7 +68,8 @@
 //!   Istio's match semantics (uri, headers, query parameters, authority, scheme, method,
 //!   `withoutHeaders`, `ignoreUriCase`; `port` and source conditions resolved at build),
 //!   weighted destinations resolved to `RouteTarget`s with subsets and merged traffic
-//!   policies, and each route's actions.
+//!   policies, and each route's actions; and per service port the VirtualService `tcp`
+//!   routes for opaque TCP connections ([`RouteTable::select_tcp`]).
 //! - [`RouteLayer`]: applies the current table (through an `ArcSwap`) to each request:
 //!   CORS, fault injection, redirects, direct responses, rewrites, header operations,
 //!   mirroring; hands the chosen `RouteTarget` (with timeout and retry policy) down as a
@@ -96,6 +97,7 @@ mod redirect;
 mod rewrite;
 mod route;
 mod table;
+mod tcp;
 
 pub use authority::request_authority;
 pub use layer::{ResponseFuture, Route, RouteLayer};

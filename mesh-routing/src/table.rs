@@ -27,6 +27,10 @@
 //!   ignored (Envoy's gateway domains are `host` and `host:*`), and no ServiceEntry host is
 //!   routed without a VirtualService (a gateway exposes only what is bound to it).
 //!
+//! - Every service port also gets its opaque TCP routes: the `tcp` routes of the
+//!   VirtualService that serves the host, filtered the same way, then the service itself
+//!   (see `crate::tcp`).
+//!
 //! Lookup is one hash probe on the lower-cased host (every alias a client may use,
 //! `HostName::aliases`), then a scan of that host's few ports; wildcard hosts are tried after,
 //! most specific first. Nothing allocates on a hit.
@@ -36,7 +40,7 @@ use std::sync::Arc;
 
 use http::Request;
 use mesh_core::config::networking::{
-    HttpMatchRequest, HttpRoute, OutboundTrafficMode, VirtualService,
+    HttpMatchRequest, HttpRoute, L4MatchAttributes, OutboundTrafficMode, VirtualService,
 };
 use mesh_core::config::{MeshConfig, ServicePort, exported_to};
 use mesh_core::conn::ClientInfo;
@@ -46,9 +50,11 @@ use mesh_core::{ProxyError, ResponseFlags};
 
 use crate::authority::request_authority;
 use crate::delegate;
-use crate::destination::Resolver;
+use crate::destination::{Destinations, Resolver};
+use crate::headers::HeaderRules;
 use crate::matcher::{MatchBlock, QuickKey, QuickPrefix, RequestView};
 use crate::route::RouteRule;
+use crate::tcp::{TcpBlock, TcpRoutes, TcpRule};
 
 /// Who this proxy is, as far as routing cares.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -103,13 +109,35 @@ impl SourceContext {
     /// Istio's `sourceMatchHTTP`: a block's `gateways` decide alone when set; otherwise its
     /// `sourceLabels` must select this proxy and `sourceNamespace` be its namespace.
     fn selects(&self, m: &HttpMatchRequest, vs_namespace: &str) -> bool {
-        if !m.gateways.is_empty() {
-            return m.gateways.iter().any(|g| self.is_gateway(g, vs_namespace));
+        self.selected_by(
+            &m.gateways,
+            &m.source_labels,
+            m.source_namespace.as_deref(),
+            vs_namespace,
+        )
+    }
+
+    /// [`selects`](Self::selects) for a `tcp` route's match block (Istio's `matchTCP`).
+    fn selects_l4(&self, m: &L4MatchAttributes, vs_namespace: &str) -> bool {
+        self.selected_by(
+            &m.gateways,
+            &m.source_labels,
+            m.source_namespace.as_deref(),
+            vs_namespace,
+        )
+    }
+
+    fn selected_by(
+        &self,
+        gateways: &[String],
+        source_labels: &Labels,
+        source_namespace: Option<&str>,
+        vs_namespace: &str,
+    ) -> bool {
+        if !gateways.is_empty() {
+            return gateways.iter().any(|g| self.is_gateway(g, vs_namespace));
         }
-        self.labels.matches(&m.source_labels)
-            && m.source_namespace
-                .as_deref()
-                .is_none_or(|ns| ns == self.namespace)
+        self.labels.matches(source_labels) && source_namespace.is_none_or(|ns| ns == self.namespace)
     }
 }
 
@@ -157,6 +185,8 @@ pub struct RouteTable {
     gateway_wildcards: Vec<(Box<str>, u16, Arc<VirtualHost>)>,
     /// The ports of the Gateway servers that select this proxy; empty for a sidecar.
     gateway_ports: Vec<u16>,
+    /// Opaque TCP routes per service host (its canonical name) and port; see `crate::tcp`.
+    tcp: HashMap<Box<str>, Vec<(u16, Arc<TcpRoutes>)>>,
     /// The Bootstrap's `outboundTrafficPolicy.mode`: what becomes of hosts no virtual host
     /// serves (the proxy's egress policy layer reads it with the table it goes with).
     outbound_mode: OutboundTrafficMode,
@@ -255,6 +285,26 @@ impl RouteTable {
                     ),
                 )
             })
+    }
+
+    /// The route of an opaque TCP connection from `client` to `service` (a port of the
+    /// registry the table was built from): the target its VirtualService's `tcp` routes draw
+    /// (see `crate::tcp` in the crate docs: port, source and subnet matches, weights), else
+    /// the service itself with its DestinationRule policy. `None` when the table does not
+    /// know the service port (built from another config snapshot).
+    ///
+    /// Errors: `NC` when the route's destination is not a known service, port or subset.
+    pub fn select_tcp(
+        &self,
+        service: &ServicePort,
+        client: &ClientInfo,
+    ) -> Option<Result<mesh_core::target::RouteTarget, ProxyError>> {
+        let (_, routes) = self
+            .tcp
+            .get(service.host.as_str())?
+            .iter()
+            .find(|(port, _)| *port == service.number)?;
+        Some(routes.select(client))
     }
 
     /// Whether some virtual host serves the request's authority (whether or not one of its
@@ -444,9 +494,16 @@ impl<'a> Builder<'a> {
         let mut named = Vec::new();
         for service in registry.iter() {
             service_hosts.insert(service.host.as_str());
-            let routes = vs_for(service.host.as_str())
+            let serving = vs_for(service.host.as_str());
+            let routes = serving
                 .and_then(|i| self.routes_for(i, service.number))
                 .unwrap_or_else(|| self.default_routes(service));
+            let tcp = self.tcp_routes(serving, service);
+            self.table
+                .tcp
+                .entry(service.host.as_str().into())
+                .or_default()
+                .push((service.number, tcp));
             let vhost = Arc::new(VirtualHost {
                 name: format!("{}:{}", service.host, service.number).into(),
                 routes,
@@ -569,6 +626,45 @@ impl<'a> Builder<'a> {
             .resolver
             .target(service, service.host.as_str(), None, None, &retry);
         Arc::new(Routes::new(vec![RouteRule::default_route(target)]))
+    }
+
+    /// The opaque TCP routes of `service`: virtual service `i`'s `tcp` routes whose blocks
+    /// can match this proxy on the service's port, then the service itself.
+    fn tcp_routes(&mut self, i: Option<usize>, service: &Arc<ServicePort>) -> Arc<TcpRoutes> {
+        let no_retry = self.resolver.no_retry();
+        let port = service.number;
+        let mut rules = Vec::new();
+        if let Some(vs) = i.map(|i| self.virtual_services[i]) {
+            for route in &vs.spec.tcp {
+                let blocks: Vec<TcpBlock> = route
+                    .r#match
+                    .iter()
+                    .filter(|m| m.port.is_none_or(|p| p.get() == port))
+                    .filter(|m| self.source.selects_l4(m, vs.namespace()))
+                    .map(TcpBlock::compile)
+                    .collect();
+                if blocks.is_empty() && !route.r#match.is_empty() {
+                    // No block can match this proxy on this port.
+                    continue;
+                }
+                let destinations = Destinations::new(
+                    route
+                        .route
+                        .iter()
+                        .map(|d| {
+                            let target =
+                                self.resolver.resolve(&d.destination, port, None, &no_retry);
+                            (target, d.weight.unwrap_or(0), HeaderRules::default())
+                        })
+                        .collect(),
+                );
+                rules.push(TcpRule::new(blocks, destinations));
+            }
+        }
+        let default = self
+            .resolver
+            .target(service, service.host.as_str(), None, None, &no_retry);
+        Arc::new(TcpRoutes::new(rules, default))
     }
 
     /// The routes of virtual service `i` for a virtual host on `port`.

@@ -62,6 +62,22 @@ pub(crate) fn virtual_service(vs: &VirtualServiceSpec, out: &mut Issues) {
     }
     for (i, tcp) in vs.tcp.iter().enumerate() {
         let p = format!("spec.tcp[{i}]");
+        for (j, m) in tcp.r#match.iter().enumerate() {
+            let mp = format!("{p}.match[{j}]");
+            ips(
+                out,
+                &format!("{mp}.destinationSubnets"),
+                &m.destination_subnets,
+            );
+            if let Some(subnet) = m.source_subnet.as_deref()
+                && !is_ip_or_cidr(subnet)
+            {
+                out.add(
+                    format!("{mp}.sourceSubnet"),
+                    format!("`{subnet}` is not an IP address or CIDR"),
+                );
+            }
+        }
         l4_routes(
             &p,
             tcp.route.iter().map(|r| (&r.destination, r.weight)),
@@ -80,6 +96,11 @@ pub(crate) fn virtual_service(vs: &VirtualServiceSpec, out: &mut Issues) {
             if m.sni_hosts.is_empty() {
                 out.add(format!("{p}.match[{j}].sniHosts"), "sniHosts is required");
             }
+            ips(
+                out,
+                &format!("{p}.match[{j}].destinationSubnets"),
+                &m.destination_subnets,
+            );
         }
         l4_routes(
             &p,
@@ -836,16 +857,6 @@ pub(crate) fn authorization_policy(ap: &AuthorizationPolicySpec, out: &mut Issue
             }
         }
     }
-    fn ips(out: &mut Issues, path: &str, values: &[String]) {
-        for (k, v) in values.iter().enumerate() {
-            if !is_ip_or_cidr(v) {
-                out.add(
-                    format!("{path}[{k}]"),
-                    format!("`{v}` is not an IP address or CIDR"),
-                );
-            }
-        }
-    }
     fn ports(out: &mut Issues, path: &str, values: &[String]) {
         for (k, port) in values.iter().enumerate() {
             if port.parse::<u16>().ok().filter(|p| *p > 0).is_none() {
@@ -1157,6 +1168,18 @@ fn non_empty_items(out: &mut Issues, p: &str, items: &[String]) {
     for (i, item) in items.iter().enumerate() {
         if item.is_empty() {
             out.add(format!("{p}[{i}]"), "must not be empty");
+        }
+    }
+}
+
+/// Each of `values` an IP address or CIDR.
+fn ips(out: &mut Issues, path: &str, values: &[String]) {
+    for (k, v) in values.iter().enumerate() {
+        if !is_ip_or_cidr(v) {
+            out.add(
+                format!("{path}[{k}]"),
+                format!("`{v}` is not an IP address or CIDR"),
+            );
         }
     }
 }

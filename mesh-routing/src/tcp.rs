@@ -1,0 +1,133 @@
+//! Opaque TCP routes: a VirtualService's `tcp` routes, compiled per service port with the
+//! HTTP routes ([`RouteTable::build`](crate::RouteTable::build)) and chosen per connection by
+//! [`RouteTable::select_tcp`](crate::RouteTable::select_tcp).
+//!
+//! Istio's sidecar semantics (its outbound TCP filter chains):
+//! - The VirtualService that routes a service's TCP traffic is the one that would route its
+//!   HTTP traffic: exported to the proxy, bound to `mesh`, the first loaded naming the host
+//!   exactly, else the most specific wildcard.
+//! - A route applies to a connection when it has no `match`, or when one of its blocks does:
+//!   the block's `port` (when set) is the service port and its `sourceLabels`,
+//!   `sourceNamespace` and `gateways` select this proxy, all decided when the table is built;
+//!   then, per connection, the address the client dialled is in one of its
+//!   `destinationSubnets` and the client's own address is in its `sourceSubnet` (each when
+//!   set).
+//! - The first route that applies takes the connection, and its destinations are drawn by
+//!   weight, per connection: TCP traffic shifting.
+//! - A connection no route takes, and every connection to a service no VirtualService routes
+//!   with `tcp`, goes to the service itself with its DestinationRule policy (Istio's default
+//!   filter chain for the service).
+//! - A destination naming no known service, port or subset is Envoy's missing cluster: the
+//!   connection is refused with `NC` and a message naming it, and a weighted split keeps its
+//!   proportions.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use mesh_core::config::networking::L4MatchAttributes;
+use mesh_core::conn::ClientInfo;
+use mesh_core::target::RouteTarget;
+use mesh_core::{ProxyError, ResponseFlags};
+
+use crate::destination::{Destinations, Target};
+
+/// The TCP routes of one service port.
+#[derive(Debug)]
+pub(crate) struct TcpRoutes {
+    rules: Box<[TcpRule]>,
+    /// The service itself, for connections no rule takes.
+    default: Target,
+}
+
+#[derive(Debug)]
+pub(crate) struct TcpRule {
+    /// Empty: every connection (a route without `match`).
+    blocks: Box<[TcpBlock]>,
+    destinations: Destinations,
+}
+
+/// What is left of a match block to check per connection: its address conditions.
+#[derive(Debug)]
+pub(crate) struct TcpBlock {
+    /// Empty: any destination address.
+    destination_subnets: Box<[IpNet]>,
+    source_subnet: Option<IpNet>,
+}
+
+impl TcpBlock {
+    /// Compiles a block's address conditions (validated at load; text that does not parse
+    /// would have been refused there, so it is skipped here rather than matching all).
+    pub(crate) fn compile(m: &L4MatchAttributes) -> TcpBlock {
+        TcpBlock {
+            destination_subnets: m
+                .destination_subnets
+                .iter()
+                .filter_map(|s| parse_net(s))
+                .collect(),
+            source_subnet: m.source_subnet.as_deref().and_then(parse_net),
+        }
+    }
+
+    fn matches(&self, source: IpAddr, destination: IpAddr) -> bool {
+        (self.destination_subnets.is_empty()
+            || self
+                .destination_subnets
+                .iter()
+                .any(|n| n.contains(&destination)))
+            && self.source_subnet.is_none_or(|n| n.contains(&source))
+    }
+}
+
+impl TcpRule {
+    pub(crate) fn new(blocks: Vec<TcpBlock>, destinations: Destinations) -> TcpRule {
+        TcpRule {
+            blocks: blocks.into(),
+            destinations,
+        }
+    }
+
+    fn applies(&self, source: IpAddr, destination: IpAddr) -> bool {
+        self.blocks.is_empty() || self.blocks.iter().any(|b| b.matches(source, destination))
+    }
+}
+
+impl TcpRoutes {
+    pub(crate) fn new(rules: Vec<TcpRule>, default: Target) -> TcpRoutes {
+        TcpRoutes {
+            rules: rules.into(),
+            default,
+        }
+    }
+
+    /// The target for a connection from `client` (its `remote` the source, its `local` the
+    /// address it dialled).
+    pub(crate) fn select(&self, client: &ClientInfo) -> Result<RouteTarget, ProxyError> {
+        // IPv4 peers of a dual-stack listener arrive as `::ffff:a.b.c.d`.
+        let source = client.remote.ip().to_canonical();
+        let destination = client.local.ip().to_canonical();
+        let target = match self.rules.iter().find(|r| r.applies(source, destination)) {
+            Some(rule) => match rule.destinations.pick() {
+                Some((_, dest)) => &dest.target,
+                None => {
+                    return Err(ProxyError::new(
+                        ResponseFlags::NO_CLUSTER_FOUND,
+                        "no cluster: the TCP route has no destination",
+                    ));
+                }
+            },
+            None => &self.default,
+        };
+        match target {
+            Target::Found(target) => Ok(target.clone()),
+            Target::Missing(why) => Err(ProxyError::new(ResponseFlags::NO_CLUSTER_FOUND, why)),
+        }
+    }
+}
+
+/// An IP address or CIDR, host bits cleared.
+fn parse_net(text: &str) -> Option<IpNet> {
+    match text.parse::<IpNet>() {
+        Ok(net) => Some(net.trunc()),
+        Err(_) => text.parse::<IpAddr>().ok().map(IpNet::from),
+    }
+}
