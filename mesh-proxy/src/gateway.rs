@@ -55,15 +55,14 @@
 //! binds or closes nothing until restart.
 
 use std::collections::HashMap;
+
+use crate::client_hello::{Rewind, read_client_hello};
 use std::convert::Infallible;
 use std::fmt;
-use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::LOCATION;
@@ -79,7 +78,7 @@ use mesh_core::config::{Gateway, MeshConfig, Protocol};
 use mesh_core::conn::ClientInfo;
 use mesh_core::host::{split_authority, wildcard_matches};
 use mesh_tls::TlsError;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -96,10 +95,6 @@ use crate::upstream::DEFAULT_CONNECT_TIMEOUT;
 
 /// How long a client has to send its ClientHello and finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The most ClientHello bytes buffered while looking for the SNI (Envoy's TLS inspector
-/// gives up at 64 KiB too).
-const MAX_CLIENT_HELLO: usize = 64 * 1024;
 
 /// Why the gateway listeners could not be planned: the gateway, server and port named once.
 #[derive(Debug, thiserror::Error)]
@@ -628,193 +623,6 @@ fn server_config(settings: &ServerTlsSettings, auth: Auth) -> Result<Arc<ServerC
 }
 
 // ---------------------------------------------------------------------------------------
-// ClientHello
-
-/// What the first bytes of a connection say.
-#[derive(Debug, PartialEq, Eq)]
-enum Hello {
-    /// Not enough bytes yet.
-    Partial,
-    /// Not a TLS ClientHello.
-    NotTls,
-    /// A whole ClientHello, with its SNI host name (lower-case) if it sent one.
-    Complete(Option<String>),
-}
-
-/// Parses the ClientHello at the start of `buf` (possibly spread over several handshake
-/// records) far enough to find its `server_name` extension.
-fn parse_client_hello(buf: &[u8]) -> Hello {
-    // Reassemble the handshake message from the records' fragments.
-    let mut handshake = Vec::new();
-    let mut at = 0;
-    let needed = loop {
-        let Some(header) = buf.get(at..at + 5) else {
-            return if at == 0 && buf.first().is_some_and(|b| *b != 0x16) {
-                Hello::NotTls
-            } else {
-                Hello::Partial
-            };
-        };
-        if header[0] != 0x16 || header[1] != 0x03 {
-            return Hello::NotTls;
-        }
-        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
-        let Some(fragment) = buf.get(at + 5..at + 5 + len) else {
-            return Hello::Partial;
-        };
-        handshake.extend_from_slice(fragment);
-        at += 5 + len;
-        if handshake.len() >= 4 {
-            if handshake[0] != 0x01 {
-                return Hello::NotTls;
-            }
-            let body = usize::from(handshake[1]) << 16
-                | usize::from(handshake[2]) << 8
-                | usize::from(handshake[3]);
-            if handshake.len() >= 4 + body {
-                break body;
-            }
-        }
-    };
-    match server_name(&handshake[4..4 + needed]) {
-        Some(name) => Hello::Complete(name),
-        None => Hello::NotTls,
-    }
-}
-
-/// The SNI of a ClientHello body: `Some(None)` without one, `None` when malformed.
-fn server_name(body: &[u8]) -> Option<Option<String>> {
-    let mut r = Reader(body);
-    r.take(2 + 32)?; // legacy_version, random
-    let n = usize::from(r.u8()?);
-    r.take(n)?; // session id
-    let n = usize::from(r.u16()?);
-    r.take(n)?; // cipher suites
-    let n = usize::from(r.u8()?);
-    r.take(n)?; // compression methods
-    if r.0.is_empty() {
-        return Some(None); // no extensions
-    }
-    let n = usize::from(r.u16()?);
-    let mut exts = Reader(r.take(n)?);
-    while !exts.0.is_empty() {
-        let kind = exts.u16()?;
-        let n = usize::from(exts.u16()?);
-        let data = exts.take(n)?;
-        if kind != 0 {
-            continue;
-        }
-        let mut list = Reader(data);
-        let n = usize::from(list.u16()?);
-        let mut names = Reader(list.take(n)?);
-        while !names.0.is_empty() {
-            let name_type = names.u8()?;
-            let n = usize::from(names.u16()?);
-            let name = names.take(n)?;
-            if name_type == 0 {
-                let name = std::str::from_utf8(name).ok()?;
-                return Some(Some(name.trim_end_matches('.').to_ascii_lowercase()));
-            }
-        }
-        return Some(None);
-    }
-    Some(None)
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Some(head)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take(1).map(|b| b[0])
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
-    }
-}
-
-/// Reads from `stream` until the ClientHello is whole: its bytes and its SNI.
-async fn read_client_hello(stream: &mut TcpStream) -> io::Result<(Vec<u8>, Option<String>)> {
-    let mut buf = Vec::with_capacity(2048);
-    loop {
-        match parse_client_hello(&buf) {
-            Hello::Complete(sni) => return Ok((buf, sni)),
-            Hello::NotTls => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "not a TLS ClientHello",
-                ));
-            }
-            Hello::Partial if buf.len() >= MAX_CLIENT_HELLO => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "ClientHello larger than 64 KiB",
-                ));
-            }
-            Hello::Partial => {}
-        }
-        let mut chunk = [0u8; 4096];
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-/// A stream whose first bytes were already read: they are replayed before the rest.
-struct Rewind<S> {
-    prefix: Vec<u8>,
-    pos: usize,
-    inner: S,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.pos < this.prefix.len() {
-            let rest = &this.prefix[this.pos..];
-            let n = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..n]);
-            this.pos += n;
-            if this.pos == this.prefix.len() {
-                this.prefix = Vec::new();
-                this.pos = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // Passthrough routes
 
 /// The VirtualService `tls` routes bound to a listener's gateways, for one config.
@@ -1086,10 +894,10 @@ async fn connection(
         }
         ListenerKind::Tls(tls) => tls,
     };
-    let (hello, sni) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_client_hello(&mut stream))
-        .await
-    {
-        Ok(Ok(hello)) => hello,
+    let mut hello = Vec::with_capacity(2048);
+    let read = read_client_hello(&mut stream, &mut hello);
+    let sni = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read).await {
+        Ok(Ok(sni)) => sni,
         Ok(Err(e)) => {
             tracing::debug!(listener = %name, %remote, error = %e, "no TLS ClientHello");
             return;
@@ -1103,11 +911,7 @@ async fn connection(
     let Some(server) = tls.servers.get(index) else {
         return;
     };
-    let io = Rewind {
-        prefix: hello,
-        pos: 0,
-        inner: stream,
-    };
+    let io = Rewind::new(hello, stream);
     match &server.mode {
         TlsMode::Terminate(config) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
@@ -1346,54 +1150,5 @@ spec:
         let resp = only.admit(&other).unwrap();
         assert_eq!(resp.status(), StatusCode::NOT_FOUND);
         assert_eq!(resp.headers()["x-mesh-response-flags"], "NR");
-    }
-
-    /// A real ClientHello, as rustls writes it.
-    fn client_hello(sni: &str) -> Vec<u8> {
-        let config = rustls::ClientConfig::builder_with_provider(mesh_tls::verify::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(RootCertStore::empty())
-            .with_no_client_auth();
-        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
-        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-        let mut out = Vec::new();
-        conn.write_tls(&mut out).unwrap();
-        out
-    }
-
-    #[test]
-    fn client_hellos_give_their_sni_whole_or_not_yet() {
-        let hello = client_hello("Bookinfo.Example.com");
-        assert_eq!(
-            parse_client_hello(&hello),
-            Hello::Complete(Some("bookinfo.example.com".to_string()))
-        );
-        for cut in [0, 1, 5, 20, hello.len() - 1] {
-            assert_eq!(
-                parse_client_hello(&hello[..cut]),
-                Hello::Partial,
-                "cut {cut}"
-            );
-        }
-        // An IP address is never sent as SNI.
-        assert_eq!(
-            parse_client_hello(&client_hello("127.0.0.1")),
-            Hello::Complete(None)
-        );
-        assert_eq!(parse_client_hello(b"GET / HTTP/1.1\r\n"), Hello::NotTls);
-        // The same handshake split over two records.
-        let body = &hello[5..];
-        let (a, b) = body.split_at(40);
-        let mut split = Vec::new();
-        for part in [a, b] {
-            split.extend_from_slice(&[0x16, 0x03, 0x01]);
-            split.extend_from_slice(&u16::try_from(part.len()).unwrap().to_be_bytes());
-            split.extend_from_slice(part);
-        }
-        assert_eq!(
-            parse_client_hello(&split),
-            Hello::Complete(Some("bookinfo.example.com".to_string()))
-        );
     }
 }

@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod capture;
 pub mod cli;
+mod client_hello;
 pub mod conn_metrics;
 pub mod detect;
 pub mod discovery;

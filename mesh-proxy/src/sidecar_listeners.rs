@@ -426,9 +426,9 @@ impl HostPattern {
         }
         match &self.name {
             NamePattern::Any => true,
-            NamePattern::Wildcard(pattern) => {
-                !service.host.is_wildcard() && wildcard_matches(pattern, service.host.as_str())
-            }
+            // A wildcard service host (`*.example.com`) is selected by the same pattern or a
+            // broader one (`*.com`), as Istio compares wildcard hosts.
+            NamePattern::Wildcard(pattern) => wildcard_matches(pattern, service.host.as_str()),
             NamePattern::Exact(host) => *host == service.host,
         }
     }

@@ -8,12 +8,14 @@
 //!
 //! Per connection, in order:
 //!
-//! 1. **Route**: the route table of the current config (`mesh_routing`'s, rebuilt when the
-//!    snapshot changes, so a reload applies to the next connection) picks the target: the
-//!    first of the service's VirtualService `tcp` routes that applies (match `port`,
-//!    `sourceLabels`, `sourceNamespace`, `gateways`, and the dialled address in
-//!    `destinationSubnets`, the client's in `sourceSubnet`), its destinations drawn by
-//!    weight, with the destination's DestinationRule traffic policy and subset; else the
+//! 1. **Route**: on a `TLS` or `HTTPS` service port the client's ClientHello is read first
+//!    for its SNI (and replayed to the endpoint). The route table of the current config
+//!    (`mesh_routing`'s, rebuilt when the snapshot changes, so a reload applies to the next
+//!    connection) then picks the target: the first of the service's VirtualService `tls`
+//!    routes (by `sniHosts`) then `tcp` routes that applies (match `port`, `sourceLabels`,
+//!    `sourceNamespace`, `gateways`, and the dialled address in `destinationSubnets`, the
+//!    client's in `sourceSubnet`), its destinations drawn by weight, with the destination's
+//!    DestinationRule traffic policy and subset; else the
 //!    service itself with its DestinationRule policy (exported to this proxy,
 //!    `workloadSelector`, exact host over wildcard, port-level settings). VirtualService
 //!    `http` routes do not apply to TCP, as in Istio. A destination that is not a known
@@ -188,8 +190,9 @@ impl OutboundTcp {
         &self,
         service: &Arc<ServicePort>,
         client: ClientInfo,
+        sni: Option<&str>,
     ) -> Result<Connected, TcpOutError> {
-        let target = match self.table().select_tcp(service, &client) {
+        let target = match self.table().select_tcp(service, &client, sni) {
             Some(Ok(target)) => target,
             Some(Err(no_cluster)) => return Err(TcpOutError::Upstream(no_cluster)),
             // The snapshot the service came from knows a port the table's does not (a
@@ -265,11 +268,15 @@ where
 }
 
 /// [`proxy_to_service`] with `local`, the address the client dialled: a captured
-/// connection's original destination, or the listener's address. VirtualService `tcp`
-/// routes match it against their `destinationSubnets` (without it, the client's own address
-/// stands in).
+/// connection's original destination, or the listener's address. VirtualService `tcp` and
+/// `tls` routes match it against their `destinationSubnets` (without it, the client's own
+/// address stands in).
+///
+/// On a `TLS` or `HTTPS` service port the client's ClientHello is read first (up to
+/// [`CLIENT_HELLO_TIMEOUT`]), for the `tls` routes' `sniHosts`, and replayed to the endpoint;
+/// a client that sends something else is proxied as it is, matching no `tls` route.
 pub async fn proxy_with_local<C>(
-    client: C,
+    mut client: C,
     remote: SocketAddr,
     local: Option<SocketAddr>,
     service: Arc<ServicePort>,
@@ -283,7 +290,43 @@ where
         local: local.unwrap_or(remote),
         tls: false,
     };
-    let connected = match ctx.connect(&service, info).await {
+    if !service.protocol.is_tls() {
+        return proxy_connection(client, info, None, service, ctx).await;
+    }
+    let mut hello = Vec::with_capacity(2048);
+    let read = crate::client_hello::read_client_hello(&mut client, &mut hello);
+    let sni = match tokio::time::timeout(CLIENT_HELLO_TIMEOUT, read).await {
+        Ok(Ok(sni)) => sni,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, service = %service.host, error = %e, "TLS port without a ClientHello: proxied without SNI");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%remote, service = %service.host, "no ClientHello within {CLIENT_HELLO_TIMEOUT:?}: proxied without SNI");
+            None
+        }
+    };
+    let client = crate::client_hello::Rewind::new(hello, client);
+    proxy_connection(client, info, sni.as_deref(), service, ctx).await
+}
+
+/// How long a client on a TLS port has to send its ClientHello before it is proxied without
+/// one (the gateway's bound for the same read).
+pub const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Proxies `client` to the endpoint the route of (`info`, `sni`) leads to.
+async fn proxy_connection<C>(
+    client: C,
+    info: ClientInfo,
+    sni: Option<&str>,
+    service: Arc<ServicePort>,
+    ctx: &OutboundTcp,
+) -> Result<(), TcpOutError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let remote = info.remote;
+    let connected = match ctx.connect(&service, info, sni).await {
         Ok(connected) => connected,
         Err(e) => {
             let destination = service.host.to_arc();

@@ -750,3 +750,110 @@ async fn a_tcp_route_shifts_connections_between_subsets_by_weight() {
     assert_eq!(&echoed, b"still here");
     client.shutdown().await;
 }
+
+/// The first flight of a TLS client for `sni`, as rustls writes it.
+fn client_hello(sni: &str) -> Vec<u8> {
+    let config = rustls::ClientConfig::builder_with_provider(mesh_tls::verify::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+/// VirtualService `tls` routes on a sidecar: on a `TLS` port the proxy reads the
+/// ClientHello, routes by its SNI (exact, then a wildcard), falls back to the `tcp` route
+/// without a match, and replays the ClientHello to the endpoint byte for byte.
+#[tokio::test]
+async fn tls_routes_pick_the_endpoint_by_sni() {
+    let v1 = speaks_first("v1\n").await;
+    let v2 = speaks_first("v2\n").await;
+    let (client, _) = start_with_ports(1, |p| {
+        let port = p[0];
+        format!(
+            "{}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: echo-tls, namespace: default }}
+spec:
+  hosts: [\"*.echo.example\"]
+  ports: [{{ number: {port}, name: tls, protocol: TLS }}]
+  resolution: STATIC
+  endpoints:
+  - {{ address: \"{}\", ports: {{ tls: {} }}, labels: {{ version: v1 }} }}
+  - {{ address: \"{}\", ports: {{ tls: {} }}, labels: {{ version: v2 }} }}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: echo-tls, namespace: default }}
+spec:
+  host: \"*.echo.example\"
+  subsets:
+  - {{ name: v1, labels: {{ version: v1 }} }}
+  - {{ name: v2, labels: {{ version: v2 }} }}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: echo-tls, namespace: default }}
+spec:
+  hosts: [\"*.echo.example\"]
+  tls:
+  - match: [{{ sniHosts: [v2.echo.example, \"*.beta.echo.example\"] }}]
+    route: [{{ destination: {{ host: \"*.echo.example\", subset: v2 }} }}]
+  tcp:
+  - route: [{{ destination: {{ host: \"*.echo.example\", subset: v1 }} }}]
+{}",
+            bootstrap("client", None),
+            v1.ip(),
+            v1.port(),
+            v2.ip(),
+            v2.port(),
+            sidecar_resource(
+                "client",
+                &format!(
+                    "  egress:
+  - port: {{ number: {port}, protocol: TLS, name: tls }}
+    bind: 127.0.0.1
+    hosts: [\"./*.echo.example\"]
+"
+                )
+            )
+        )
+    })
+    .await;
+    let egress = client.egress_addrs()[0];
+    for (sni, expected) in [
+        ("v2.echo.example", "v2\n"),
+        ("api.beta.echo.example", "v2\n"),
+        ("v1.echo.example", "v1\n"),
+        ("other.example", "v1\n"),
+    ] {
+        for _ in 0..5 {
+            let hello = client_hello(sni);
+            let mut conn = TcpStream::connect(egress).await.unwrap();
+            conn.write_all(&hello).await.unwrap();
+            // The greeting of the endpoint chosen, then the ClientHello echoed back whole.
+            let mut answer = vec![0u8; 3 + hello.len()];
+            tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut answer))
+                .await
+                .expect("the endpoint answers")
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&answer[..3]), expected, "SNI {sni}");
+            assert_eq!(&answer[3..], hello.as_slice(), "SNI {sni}");
+        }
+    }
+    // A client that is not TLS at all still gets through, by the tcp route.
+    let mut conn = TcpStream::connect(egress).await.unwrap();
+    conn.write_all(b"plain\n").await.unwrap();
+    let mut answer = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&answer, b"v1\nplain\n");
+    client.shutdown().await;
+}

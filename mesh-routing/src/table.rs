@@ -27,9 +27,9 @@
 //!   ignored (Envoy's gateway domains are `host` and `host:*`), and no ServiceEntry host is
 //!   routed without a VirtualService (a gateway exposes only what is bound to it).
 //!
-//! - Every service port also gets its opaque TCP routes: the `tcp` routes of the
-//!   VirtualService that serves the host, filtered the same way, then the service itself
-//!   (see `crate::tcp`).
+//! - Every service port also gets its routes for connections proxied as bytes: the `tls`
+//!   routes (by SNI), then the `tcp` routes, of the VirtualService that serves the host,
+//!   filtered the same way, then the service itself (see `crate::tcp`).
 //!
 //! Lookup is one hash probe on the lower-cased host (every alias a client may use,
 //! `HostName::aliases`), then a scan of that host's few ports; wildcard hosts are tried after,
@@ -40,7 +40,8 @@ use std::sync::Arc;
 
 use http::Request;
 use mesh_core::config::networking::{
-    HttpMatchRequest, HttpRoute, L4MatchAttributes, OutboundTrafficMode, VirtualService,
+    HttpMatchRequest, HttpRoute, L4MatchAttributes, OutboundTrafficMode, RouteDestination,
+    VirtualService,
 };
 use mesh_core::config::{MeshConfig, ServicePort, exported_to};
 use mesh_core::conn::ClientInfo;
@@ -185,7 +186,8 @@ pub struct RouteTable {
     gateway_wildcards: Vec<(Box<str>, u16, Arc<VirtualHost>)>,
     /// The ports of the Gateway servers that select this proxy; empty for a sidecar.
     gateway_ports: Vec<u16>,
-    /// Opaque TCP routes per service host (its canonical name) and port; see `crate::tcp`.
+    /// TLS and opaque TCP routes per service host (its canonical name) and port; see
+    /// `crate::tcp`.
     tcp: HashMap<Box<str>, Vec<(u16, Arc<TcpRoutes>)>>,
     /// The Bootstrap's `outboundTrafficPolicy.mode`: what becomes of hosts no virtual host
     /// serves (the proxy's egress policy layer reads it with the table it goes with).
@@ -288,9 +290,10 @@ impl RouteTable {
     }
 
     /// The route of an opaque TCP connection from `client` to `service` (a port of the
-    /// registry the table was built from): the target its VirtualService's `tcp` routes draw
-    /// (see `crate::tcp` in the crate docs: port, source and subnet matches, weights), else
-    /// the service itself with its DestinationRule policy. `None` when the table does not
+    /// registry the table was built from), `sni` the server name of the TLS ClientHello it
+    /// opened with, if any: the target its VirtualService's `tls` routes (by SNI) or `tcp`
+    /// routes draw (port, source and subnet matches, weights), else the service itself with
+    /// its DestinationRule policy. `None` when the table does not
     /// know the service port (built from another config snapshot).
     ///
     /// Errors: `NC` when the route's destination is not a known service, port or subset.
@@ -298,13 +301,14 @@ impl RouteTable {
         &self,
         service: &ServicePort,
         client: &ClientInfo,
+        sni: Option<&str>,
     ) -> Option<Result<mesh_core::target::RouteTarget, ProxyError>> {
         let (_, routes) = self
             .tcp
             .get(service.host.as_str())?
             .iter()
             .find(|(port, _)| *port == service.number)?;
-        Some(routes.select(client))
+        Some(routes.select(client, sni))
     }
 
     /// Whether some virtual host serves the request's authority (whether or not one of its
@@ -635,6 +639,27 @@ impl<'a> Builder<'a> {
         let port = service.number;
         let mut rules = Vec::new();
         if let Some(vs) = i.map(|i| self.virtual_services[i]) {
+            for route in &vs.spec.tls {
+                let blocks: Vec<TcpBlock> = route
+                    .r#match
+                    .iter()
+                    .filter(|m| m.port.is_none_or(|p| p.get() == port))
+                    .filter(|m| {
+                        self.source.selected_by(
+                            &m.gateways,
+                            &m.source_labels,
+                            m.source_namespace.as_deref(),
+                            vs.namespace(),
+                        )
+                    })
+                    .map(TcpBlock::compile_tls)
+                    .collect();
+                // A TLS route always has blocks (validated): none left, none can match.
+                if !blocks.is_empty() {
+                    let destinations = self.l4_destinations(&route.route, port);
+                    rules.push(TcpRule::new(blocks, destinations));
+                }
+            }
             for route in &vs.spec.tcp {
                 let blocks: Vec<TcpBlock> = route
                     .r#match
@@ -647,17 +672,7 @@ impl<'a> Builder<'a> {
                     // No block can match this proxy on this port.
                     continue;
                 }
-                let destinations = Destinations::new(
-                    route
-                        .route
-                        .iter()
-                        .map(|d| {
-                            let target =
-                                self.resolver.resolve(&d.destination, port, None, &no_retry);
-                            (target, d.weight.unwrap_or(0), HeaderRules::default())
-                        })
-                        .collect(),
-                );
+                let destinations = self.l4_destinations(&route.route, port);
                 rules.push(TcpRule::new(blocks, destinations));
             }
         }
@@ -665,6 +680,20 @@ impl<'a> Builder<'a> {
             .resolver
             .target(service, service.host.as_str(), None, None, &no_retry);
         Arc::new(TcpRoutes::new(rules, default))
+    }
+
+    /// A `tcp` or `tls` route's weighted destinations, resolved for a connection on `port`.
+    fn l4_destinations(&mut self, route: &[RouteDestination], port: u16) -> Destinations {
+        let no_retry = self.resolver.no_retry();
+        Destinations::new(
+            route
+                .iter()
+                .map(|d| {
+                    let target = self.resolver.resolve(&d.destination, port, None, &no_retry);
+                    (target, d.weight.unwrap_or(0), HeaderRules::default())
+                })
+                .collect(),
+        )
     }
 
     /// The routes of virtual service `i` for a virtual host on `port`.

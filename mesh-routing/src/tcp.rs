@@ -1,6 +1,6 @@
-//! Opaque TCP routes: a VirtualService's `tcp` routes, compiled per service port with the
-//! HTTP routes ([`RouteTable::build`](crate::RouteTable::build)) and chosen per connection by
-//! [`RouteTable::select_tcp`](crate::RouteTable::select_tcp).
+//! Opaque TCP and TLS routes: a VirtualService's `tls` and `tcp` routes, compiled per service
+//! port with the HTTP routes ([`RouteTable::build`](crate::RouteTable::build)) and chosen per
+//! connection by [`RouteTable::select_tcp`](crate::RouteTable::select_tcp).
 //!
 //! Istio's sidecar semantics (its outbound TCP filter chains):
 //! - The VirtualService that routes a service's TCP traffic is the one that would route its
@@ -12,6 +12,9 @@
 //!   then, per connection, the address the client dialled is in one of its
 //!   `destinationSubnets` and the client's own address is in its `sourceSubnet` (each when
 //!   set).
+//! - `tls` routes come first and apply only to a connection that opened with a TLS
+//!   ClientHello naming an SNI: a block also needs one of its `sniHosts` (exact, `*.suffix`
+//!   or `*`) to match it. `tcp` routes follow, for TLS and opaque TCP alike.
 //! - The first route that applies takes the connection, and its destinations are drawn by
 //!   weight, per connection: TCP traffic shifting.
 //! - A connection no route takes, and every connection to a service no VirtualService routes
@@ -24,8 +27,9 @@
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use mesh_core::config::networking::L4MatchAttributes;
+use mesh_core::config::networking::{L4MatchAttributes, TlsMatchAttributes};
 use mesh_core::conn::ClientInfo;
+use mesh_core::host::wildcard_matches;
 use mesh_core::target::RouteTarget;
 use mesh_core::{ProxyError, ResponseFlags};
 
@@ -49,6 +53,8 @@ pub(crate) struct TcpRule {
 /// What is left of a match block to check per connection: its address conditions.
 #[derive(Debug)]
 pub(crate) struct TcpBlock {
+    /// A `tls` route's `sniHosts` (lower case); `None` for a `tcp` route.
+    sni_hosts: Option<Box<[Box<str>]>>,
     /// Empty: any destination address.
     destination_subnets: Box<[IpNet]>,
     source_subnet: Option<IpNet>,
@@ -59,6 +65,7 @@ impl TcpBlock {
     /// would have been refused there, so it is skipped here rather than matching all).
     pub(crate) fn compile(m: &L4MatchAttributes) -> TcpBlock {
         TcpBlock {
+            sni_hosts: None,
             destination_subnets: m
                 .destination_subnets
                 .iter()
@@ -68,12 +75,37 @@ impl TcpBlock {
         }
     }
 
-    fn matches(&self, source: IpAddr, destination: IpAddr) -> bool {
-        (self.destination_subnets.is_empty()
-            || self
+    /// A `tls` route's block: its SNI names and destination subnets.
+    pub(crate) fn compile_tls(m: &TlsMatchAttributes) -> TcpBlock {
+        TcpBlock {
+            sni_hosts: Some(
+                m.sni_hosts
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase().into_boxed_str())
+                    .collect(),
+            ),
+            destination_subnets: m
                 .destination_subnets
                 .iter()
-                .any(|n| n.contains(&destination)))
+                .filter_map(|s| parse_net(s))
+                .collect(),
+            source_subnet: None,
+        }
+    }
+
+    fn matches(&self, c: &Connection<'_>) -> bool {
+        let sni_ok = match (&self.sni_hosts, c.sni) {
+            (None, _) => true,
+            (Some(hosts), Some(sni)) => hosts.iter().any(|h| wildcard_matches(h, sni)),
+            (Some(_), None) => false,
+        };
+        let (source, destination) = (c.source, c.destination);
+        sni_ok
+            && (self.destination_subnets.is_empty()
+                || self
+                    .destination_subnets
+                    .iter()
+                    .any(|n| n.contains(&destination)))
             && self.source_subnet.is_none_or(|n| n.contains(&source))
     }
 }
@@ -86,8 +118,8 @@ impl TcpRule {
         }
     }
 
-    fn applies(&self, source: IpAddr, destination: IpAddr) -> bool {
-        self.blocks.is_empty() || self.blocks.iter().any(|b| b.matches(source, destination))
+    fn applies(&self, c: &Connection<'_>) -> bool {
+        self.blocks.is_empty() || self.blocks.iter().any(|b| b.matches(c))
     }
 }
 
@@ -100,12 +132,19 @@ impl TcpRoutes {
     }
 
     /// The target for a connection from `client` (its `remote` the source, its `local` the
-    /// address it dialled).
-    pub(crate) fn select(&self, client: &ClientInfo) -> Result<RouteTarget, ProxyError> {
-        // IPv4 peers of a dual-stack listener arrive as `::ffff:a.b.c.d`.
-        let source = client.remote.ip().to_canonical();
-        let destination = client.local.ip().to_canonical();
-        let target = match self.rules.iter().find(|r| r.applies(source, destination)) {
+    /// address it dialled) that opened with a ClientHello naming `sni`, if it did.
+    pub(crate) fn select(
+        &self,
+        client: &ClientInfo,
+        sni: Option<&str>,
+    ) -> Result<RouteTarget, ProxyError> {
+        let connection = Connection {
+            // IPv4 peers of a dual-stack listener arrive as `::ffff:a.b.c.d`.
+            source: client.remote.ip().to_canonical(),
+            destination: client.local.ip().to_canonical(),
+            sni,
+        };
+        let target = match self.rules.iter().find(|r| r.applies(&connection)) {
             Some(rule) => match rule.destinations.pick() {
                 Some((_, dest)) => &dest.target,
                 None => {
@@ -122,6 +161,14 @@ impl TcpRoutes {
             Target::Missing(why) => Err(ProxyError::new(ResponseFlags::NO_CLUSTER_FOUND, why)),
         }
     }
+}
+
+/// What a connection is matched on.
+struct Connection<'a> {
+    source: IpAddr,
+    destination: IpAddr,
+    /// The ClientHello's server name, lower case.
+    sni: Option<&'a str>,
 }
 
 /// An IP address or CIDR, host bits cleared.

@@ -83,7 +83,7 @@ fn client(remote: &str, local: &str) -> ClientInfo {
 fn route(config: &MeshConfig, host: &str, port: u16, from: &str, to: &str) -> RouteTarget {
     let service = config.services().lookup(host, port).unwrap();
     table(config)
-        .select_tcp(service, &client(from, to))
+        .select_tcp(service, &client(from, to), None)
         .expect("the table knows the service port")
         .unwrap()
 }
@@ -122,7 +122,7 @@ fn weights_split_connections_between_subsets() {
     let mut seen: HashMap<String, u32> = HashMap::new();
     for _ in 0..10_000 {
         let target = table
-            .select_tcp(service, &client(APP, VIP))
+            .select_tcp(service, &client(APP, VIP), None)
             .unwrap()
             .unwrap();
         // Each destination keeps the DestinationRule policy and names its subset.
@@ -214,7 +214,7 @@ fn a_destination_with_an_undefined_subset_is_no_cluster() {
     ));
     let service = config.services().lookup("tcp-echo", 9000).unwrap();
     let err = table(&config)
-        .select_tcp(service, &client(APP, VIP))
+        .select_tcp(service, &client(APP, VIP), None)
         .unwrap()
         .unwrap_err();
     assert_eq!(err.flags(), ResponseFlags::NO_CLUSTER_FOUND);
@@ -230,7 +230,7 @@ fn a_service_the_table_does_not_know_is_none() {
     let without = load_sources(&[Source::new("empty.yaml", "")]).unwrap();
     assert!(
         table(&without)
-            .select_tcp(&service, &client(APP, VIP))
+            .select_tcp(&service, &client(APP, VIP), None)
             .is_none()
     );
 }
@@ -258,4 +258,44 @@ fn malformed_subnets_are_refused_at_load_naming_the_field() {
         err.contains("spec.tcp[0].match[0].sourceSubnet") && err.contains("`nope`"),
         "{err}"
     );
+}
+
+#[test]
+fn tls_routes_match_the_sni_first_and_tcp_routes_follow() {
+    let config = config(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: tcp-echo }
+spec:
+  hosts: [tcp-echo, \"*.echo.example\"]
+  tls:
+  - match: [{ port: 9001, sniHosts: [v2.echo.example] }]
+    route: [{ destination: { host: mysql } }]
+  - match: [{ sniHosts: [v2.echo.example] }]
+    route: [{ destination: { host: tcp-echo, subset: v2 } }]
+  - match: [{ sniHosts: [\"*.echo.example\"], destinationSubnets: [10.0.0.0/8] }]
+    route: [{ destination: { host: mysql } }]
+  tcp:
+  - route: [{ destination: { host: tcp-echo, subset: v1 } }]
+",
+    );
+    let table = table(&config);
+    let service = config.services().lookup("tcp-echo", 9000).unwrap();
+    let pick = |sni: Option<&str>, to: &str| {
+        table
+            .select_tcp(service, &client(APP, to), sni)
+            .unwrap()
+            .unwrap()
+    };
+    // The exact name: the second route (the first is for port 9001 only).
+    assert_eq!(subset(&pick(Some("v2.echo.example"), VIP)), Some("v2"));
+    // A wildcard name, to an address in its subnet: the third.
+    assert_eq!(
+        &*pick(Some("db.echo.example"), "10.2.3.4:9000").name,
+        "mysql.default.svc.cluster.local:3306"
+    );
+    // A wildcard name elsewhere, another name, or no TLS at all: the tcp route.
+    assert_eq!(subset(&pick(Some("db.echo.example"), VIP)), Some("v1"));
+    assert_eq!(subset(&pick(Some("other.example"), VIP)), Some("v1"));
+    assert_eq!(subset(&pick(None, VIP)), Some("v1"));
 }
