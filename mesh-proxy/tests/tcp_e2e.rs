@@ -637,60 +637,80 @@ async fn an_auto_inbound_tells_opaque_tcp_from_http() {
     server.shutdown().await;
 }
 
-/// The client config of the TCP traffic-shifting test: `tcp-echo` on `port` with endpoints
-/// `v1` and `v2` (labelled `version`), their DestinationRule subsets, a VirtualService whose
-/// `tcp` route sends `w1` % of connections to v1 and the rest to v2, and a TCP egress
-/// listener on `port`.
-fn shifting_config(port: u16, v1: SocketAddr, v2: SocketAddr, w1: u32) -> String {
+/// A client config for the L4 routing tests: the service `host` on `port` (`protocol`)
+/// with endpoints `v1` and `v2` (labelled `version`), their DestinationRule subsets, a
+/// VirtualService for `host` with `routes` (its `tcp:`/`tls:` blocks, YAML at the indent of
+/// `hosts`), and a Sidecar egress listener for `host` on `port`.
+fn versions_config(
+    host: &str,
+    port: u16,
+    protocol: &str,
+    [v1, v2]: [SocketAddr; 2],
+    routes: &str,
+) -> String {
     format!(
         "{}---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
-metadata: {{ name: tcp-echo, namespace: default }}
+metadata: {{ name: versions, namespace: default }}
 spec:
-  hosts: [tcp-echo]
-  ports: [{{ number: {port}, name: tcp, protocol: TCP }}]
+  hosts: [\"{host}\"]
+  ports: [{{ number: {port}, name: l4, protocol: {protocol} }}]
   resolution: STATIC
   endpoints:
-  - {{ address: \"{}\", ports: {{ tcp: {} }}, labels: {{ version: v1 }} }}
-  - {{ address: \"{}\", ports: {{ tcp: {} }}, labels: {{ version: v2 }} }}
+  - {{ address: \"{}\", ports: {{ l4: {} }}, labels: {{ version: v1 }} }}
+  - {{ address: \"{}\", ports: {{ l4: {} }}, labels: {{ version: v2 }} }}
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
-metadata: {{ name: tcp-echo, namespace: default }}
+metadata: {{ name: versions, namespace: default }}
 spec:
-  host: tcp-echo
+  host: \"{host}\"
   subsets:
   - {{ name: v1, labels: {{ version: v1 }} }}
   - {{ name: v2, labels: {{ version: v2 }} }}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {{ name: tcp-echo, namespace: default }}
+metadata: {{ name: versions, namespace: default }}
 spec:
-  hosts: [tcp-echo]
-  tcp:
-  - match: [{{ port: {port} }}]
-    route:
-    - {{ destination: {{ host: tcp-echo, subset: v1 }}, weight: {w1} }}
-    - {{ destination: {{ host: tcp-echo, subset: v2 }}, weight: {} }}
-{}",
+  hosts: [\"{host}\"]
+{routes}{}",
         bootstrap("client", None),
         v1.ip(),
         v1.port(),
         v2.ip(),
         v2.port(),
-        100 - w1,
         sidecar_resource(
             "client",
             &format!(
                 "  egress:
-  - port: {{ number: {port}, protocol: TCP, name: tcp }}
+  - port: {{ number: {port}, protocol: {protocol}, name: l4 }}
     bind: 127.0.0.1
-    hosts: [\"./tcp-echo\"]
+    hosts: [\"./{host}\"]
 "
             )
         )
+    )
+}
+
+/// The client config of the TCP traffic-shifting test: a `tcp` route sending `w1` % of the
+/// connections to `tcp-echo`'s v1 and the rest to v2.
+fn shifting_config(port: u16, versions: [SocketAddr; 2], w1: u32) -> String {
+    versions_config(
+        "tcp-echo",
+        port,
+        "TCP",
+        versions,
+        &format!(
+            "  tcp:
+  - match: [{{ port: {port} }}]
+    route:
+    - {{ destination: {{ host: tcp-echo, subset: v1 }}, weight: {w1} }}
+    - {{ destination: {{ host: tcp-echo, subset: v2 }}, weight: {} }}
+",
+            100 - w1
+        ),
     )
 }
 
@@ -712,7 +732,7 @@ async fn greeting(addr: SocketAddr) -> (TcpStream, String) {
 async fn a_tcp_route_shifts_connections_between_subsets_by_weight() {
     let v1 = speaks_first("v1\n").await;
     let v2 = speaks_first("v2\n").await;
-    let (client, ports) = start_with_ports(1, |p| shifting_config(p[0], v1, v2, 80)).await;
+    let (client, ports) = start_with_ports(1, |p| shifting_config(p[0], [v1, v2], 80)).await;
     let egress = client.egress_addrs()[0];
 
     let mut seen = std::collections::HashMap::<String, u32>::new();
@@ -734,7 +754,7 @@ async fn a_tcp_route_shifts_connections_between_subsets_by_weight() {
         }
     };
     client
-        .apply_config(support::load(&shifting_config(ports[0], v1, v2, 0)))
+        .apply_config(support::load(&shifting_config(ports[0], [v1, v2], 0)))
         .unwrap();
     // ...new connections all go to v2...
     for _ in 0..50 {
@@ -773,55 +793,17 @@ async fn tls_routes_pick_the_endpoint_by_sni() {
     let v1 = speaks_first("v1\n").await;
     let v2 = speaks_first("v2\n").await;
     let (client, _) = start_with_ports(1, |p| {
-        let port = p[0];
-        format!(
-            "{}---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{ name: echo-tls, namespace: default }}
-spec:
-  hosts: [\"*.echo.example\"]
-  ports: [{{ number: {port}, name: tls, protocol: TLS }}]
-  resolution: STATIC
-  endpoints:
-  - {{ address: \"{}\", ports: {{ tls: {} }}, labels: {{ version: v1 }} }}
-  - {{ address: \"{}\", ports: {{ tls: {} }}, labels: {{ version: v2 }} }}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{ name: echo-tls, namespace: default }}
-spec:
-  host: \"*.echo.example\"
-  subsets:
-  - {{ name: v1, labels: {{ version: v1 }} }}
-  - {{ name: v2, labels: {{ version: v2 }} }}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{ name: echo-tls, namespace: default }}
-spec:
-  hosts: [\"*.echo.example\"]
-  tls:
-  - match: [{{ sniHosts: [v2.echo.example, \"*.beta.echo.example\"] }}]
-    route: [{{ destination: {{ host: \"*.echo.example\", subset: v2 }} }}]
+        versions_config(
+            "*.echo.example",
+            p[0],
+            "TLS",
+            [v1, v2],
+            "  tls:
+  - match: [{ sniHosts: [v2.echo.example, \"*.beta.echo.example\"] }]
+    route: [{ destination: { host: \"*.echo.example\", subset: v2 } }]
   tcp:
-  - route: [{{ destination: {{ host: \"*.echo.example\", subset: v1 }} }}]
-{}",
-            bootstrap("client", None),
-            v1.ip(),
-            v1.port(),
-            v2.ip(),
-            v2.port(),
-            sidecar_resource(
-                "client",
-                &format!(
-                    "  egress:
-  - port: {{ number: {port}, protocol: TLS, name: tls }}
-    bind: 127.0.0.1
-    hosts: [\"./*.echo.example\"]
-"
-                )
-            )
+  - route: [{ destination: { host: \"*.echo.example\", subset: v1 } }]
+",
         )
     })
     .await;
