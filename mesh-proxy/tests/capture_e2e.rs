@@ -32,6 +32,9 @@ const IN_NETNS: &str = "MESH_CAPTURE_TEST_IN_NETNS";
 /// Service addresses (VIPs): routed out of the namespace's veth, so the OUTPUT chain sees them.
 const REVIEWS_VIP: &str = "10.10.0.5";
 const ECHO_VIP: &str = "10.10.0.6";
+/// A second address of the echo service, which a VirtualService `tcp` route sends to the
+/// greeter service instead (`destinationSubnets`).
+const ECHO_CANARY_VIP: &str = "10.10.0.7";
 /// A host outside the mesh: the far end of the veth pair, in a second namespace.
 const EXTERNAL_IP: &str = "10.10.0.2";
 
@@ -75,7 +78,13 @@ fn sh(cmd: &str) {
     assert!(status.success(), "`{cmd}` failed");
 }
 
-fn config(dir: &Path, mode: &str, app: SocketAddr, echo: SocketAddr) -> String {
+fn config(
+    dir: &Path,
+    mode: &str,
+    app: SocketAddr,
+    echo: SocketAddr,
+    greeter: SocketAddr,
+) -> String {
     let yaml = format!(
         "apiVersion: mesh-proxy/v1
 kind: Bootstrap
@@ -102,16 +111,37 @@ kind: ServiceEntry
 metadata: {{ name: echo, namespace: default }}
 spec:
   hosts: [echo]
-  addresses: [{ECHO_VIP}]
+  addresses: [{ECHO_VIP}, {ECHO_CANARY_VIP}]
   ports: [{{ number: 7000, name: tcp, protocol: TCP }}]
   resolution: STATIC
   location: MESH_INTERNAL
   endpoints: [{{ address: {}, ports: {{ tcp: {} }} }}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: greeter, namespace: default }}
+spec:
+  hosts: [greeter]
+  ports: [{{ number: 7000, name: tcp, protocol: TCP }}]
+  resolution: STATIC
+  location: MESH_INTERNAL
+  endpoints: [{{ address: {}, ports: {{ tcp: {} }} }}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: echo, namespace: default }}
+spec:
+  hosts: [echo]
+  tcp:
+  - match: [{{ destinationSubnets: [{ECHO_CANARY_VIP}/32] }}]
+    route: [{{ destination: {{ host: greeter }} }}]
 ",
         app.ip(),
         app.port(),
         echo.ip(),
-        echo.port()
+        echo.port(),
+        greeter.ip(),
+        greeter.port()
     );
     let path = dir.join("mesh.yaml");
     let tmp = dir.join("mesh.yaml.tmp");
@@ -222,10 +252,11 @@ async fn captured_inside_a_network_namespace() {
 
     let app = App::start("reviews").await;
     let echo = echo_server().await;
+    let greeter = support::tcp::speaks_first("greeter\n").await;
     let dir = tempfile::tempdir().unwrap();
     // The proxy runs as another user: it must read its config.
     sh(&format!("chmod 755 {}", dir.path().display()));
-    let path = config(dir.path(), "ALLOW_ANY", app.addr, echo);
+    let path = config(dir.path(), "ALLOW_ANY", app.addr, echo, greeter);
     let _proxy = spawn_proxy_as_1337(&path);
 
     let install = Command::new(BIN)
@@ -264,6 +295,18 @@ async fn captured_inside_a_network_namespace() {
         .unwrap();
     assert_eq!(echoed, b"ping over captured tcp");
 
+    // The same service at its other address: the VirtualService's `tcp` route matches the
+    // original destination (`destinationSubnets`) and sends the connection to the greeter.
+    let mut canary = TcpStream::connect(format!("{ECHO_CANARY_VIP}:7000"))
+        .await
+        .unwrap();
+    let mut greeting = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(10), canary.read_exact(&mut greeting))
+        .await
+        .expect("the greeter answers")
+        .unwrap();
+    assert_eq!(&greeting, b"greeter\n");
+
     // A destination the mesh does not know: ALLOW_ANY passes it through as addressed.
     let outside_addr: SocketAddr = format!("{EXTERNAL_IP}:8080").parse().unwrap();
     let started = Instant::now();
@@ -289,7 +332,7 @@ async fn captured_inside_a_network_namespace() {
 
     // REGISTRY_ONLY (by hot reload): the unknown destination is refused 502 NR; the mesh's
     // own services still work.
-    config(dir.path(), "REGISTRY_ONLY", app.addr, echo);
+    config(dir.path(), "REGISTRY_ONLY", app.addr, echo, greeter);
     let started = Instant::now();
     loop {
         let resp = client
