@@ -31,6 +31,14 @@
 //!     included, is copied to an endpoint of its destination (the config's ServiceEntry
 //!     endpoints; several destinations are taken in turn by `weight`).
 //!
+//! - `TCP` servers (also `MONGO`, `REDIS`, `MYSQL`, which a gateway proxies as TCP): each
+//!   connection goes where the `tls`/`tcp` routes of the VirtualServices bound to the
+//!   gateway for that port send it (`match.port`, source and subnet matches, weights; see
+//!   `mesh_routing::RouteTable::select_gateway_tcp`), through the proxy's outbound TCP path
+//!   (`crate::tcp_out`: balancing, outlier detection, mesh mTLS, TCP metrics). A connection
+//!   no route takes is closed (`NR`). A port's TCP servers cannot share it with HTTP or TLS
+//!   ones.
+//!
 //!   Certificates: `serverCertificate` / `privateKey` / `caCertificates` are file paths; or
 //!   `credentialName` names a **directory** holding `cert.pem` (the chain), `key.pem` and,
 //!   for MUTUAL, `root.pem` (the client CA): the layout `mesh-proxy ca issue --out DIR`
@@ -91,6 +99,7 @@ use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 use tower::ServiceExt;
 
 use crate::server::HttpService;
+use crate::tcp_out::OutboundTcp;
 use crate::upstream::DEFAULT_CONNECT_TIMEOUT;
 
 /// How long a client has to send its ClientHello and finish the TLS handshake.
@@ -162,6 +171,8 @@ enum ListenerKind {
     Plain(Arc<HostRouter>),
     /// TLS servers: the ClientHello's SNI picks the server.
     Tls(TlsServers),
+    /// TCP servers: the bound VirtualServices' `tcp` routes for the port pick the service.
+    Tcp,
 }
 
 impl GatewayListener {
@@ -248,6 +259,7 @@ fn compile_listener(
     let port = addr.port();
     let mut plain = Vec::new();
     let mut tls = Vec::new();
+    let mut tcp = false;
     for (gateway, i, server) in servers {
         let fail = |reason: String| GatewayError::Server {
             gateway: gateway.clone(),
@@ -292,14 +304,26 @@ fn compile_listener(
                     mode,
                 });
             }
+            Protocol::Tcp | Protocol::Mongo | Protocol::Redis | Protocol::Mysql => tcp = true,
             other => {
                 return Err(fail(format!(
-                    "protocol {other:?} is not supported on a gateway (HTTP, HTTP2, GRPC, HTTPS, TLS)"
+                    "protocol {other:?} is not supported on a gateway (HTTP, HTTP2, GRPC, HTTPS, TLS, TCP)"
                 )));
             }
         }
     }
     let gateways_list = gateways.join(", ");
+    if tcp {
+        return if plain.is_empty() && tls.is_empty() {
+            Ok(ListenerKind::Tcp)
+        } else {
+            Err(GatewayError::Listener {
+                addr,
+                gateways: gateways_list,
+                reason: "TCP servers cannot share a port with HTTP or TLS servers".to_string(),
+            })
+        };
+    }
     match (plain.is_empty(), tls.is_empty()) {
         (false, true) => Ok(ListenerKind::Plain(Arc::new(HostRouter::new(plain)))),
         (true, false) => {
@@ -804,20 +828,34 @@ pub type ConfigSource = Arc<dyn Fn() -> Arc<MeshConfig> + Send + Sync>;
 struct Shared {
     gateway: Arc<GatewayListener>,
     stack: HttpService,
+    tcp: Arc<OutboundTcp>,
     config: ConfigSource,
     builder: auto::Builder<TokioExecutor>,
     local: SocketAddr,
     idle_timeout: Duration,
 }
 
-/// Serves `gateway` on `listener` (bound to its [`addr`](GatewayListener::addr)) with
-/// `stack` (the outbound stack) until `shutdown` turns true, then drains for at most
-/// `drain_timeout`: HTTP/1.1 idle connections close, HTTP/2 gets a GOAWAY, passthrough
-/// streams get the deadline to end.
+/// Where a gateway sends what it accepts: requests to the outbound HTTP stack, TCP server
+/// connections to the proxy's outbound TCP path.
+pub struct Upstreams {
+    pub http: HttpService,
+    pub tcp: Arc<OutboundTcp>,
+}
+
+impl fmt::Debug for Upstreams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstreams").finish_non_exhaustive()
+    }
+}
+
+/// Serves `gateway` on `listener` (bound to its [`addr`](GatewayListener::addr)) into
+/// `upstreams` until `shutdown` turns true, then drains for at most `drain_timeout`:
+/// HTTP/1.1 idle connections close, HTTP/2 gets a GOAWAY, passthrough and TCP streams get
+/// the deadline to end.
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<GatewayListener>,
-    stack: HttpService,
+    upstreams: Upstreams,
     config: ConfigSource,
     options: crate::server::ListenerOptions,
     mut shutdown: watch::Receiver<bool>,
@@ -832,7 +870,8 @@ pub async fn serve(
     };
     let shared = Arc::new(Shared {
         gateway,
-        stack,
+        stack: upstreams.http,
+        tcp: upstreams.tcp,
         config,
         builder: crate::server::http_builder(&options.limits),
         local,
@@ -893,6 +932,13 @@ async fn connection(
             return;
         }
         ListenerKind::Tls(tls) => tls,
+        ListenerKind::Tcp => {
+            // Logged and counted inside, naming the route or its absence.
+            let _ =
+                crate::tcp_out::proxy_gateway_connection(stream, remote, shared.local, &shared.tcp)
+                    .await;
+            return;
+        }
     };
     let mut hello = Vec::with_capacity(2048);
     let read = read_client_hello(&mut stream, &mut hello);
@@ -1089,6 +1135,25 @@ spec:
         let err = plan(&mixed).unwrap_err().to_string();
         assert!(err.contains("0.0.0.0:8443"), "{err}");
         assert!(err.contains("default/public"), "{err}");
+
+        let tcp_and_http = load(&format!(
+            "{BOOTSTRAP}---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{ name: public }}
+spec:
+  selector: {{ app: gw }}
+  servers:
+  - {{ port: {{ number: 31400, name: tcp, protocol: TCP }}, hosts: ['*'] }}
+  - {{ port: {{ number: 31400, name: http, protocol: HTTP }}, hosts: ['*'] }}
+  - {{ port: {{ number: 31401, name: mongo, protocol: MONGO }}, hosts: ['*'] }}
+"
+        ));
+        let err = plan(&tcp_and_http).unwrap_err().to_string();
+        assert!(
+            err.contains("0.0.0.0:31400") && err.contains("TCP servers cannot share a port"),
+            "{err}"
+        );
     }
 
     #[test]

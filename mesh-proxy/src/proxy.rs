@@ -460,6 +460,7 @@ impl RunningProxy {
         // breakers and mTLS client.
         let outbound_tcp = Arc::new(crate::tcp_out::OutboundTcp::new(
             shared.config.clone(),
+            shared.routes.clone(),
             &shared.balancer,
             breakers.clone(),
             credentials.clone().map(MtlsConnector::new),
@@ -499,7 +500,10 @@ impl RunningProxy {
             listeners.push(tokio::spawn(crate::gateway::serve(
                 listener,
                 gateway,
-                stack,
+                crate::gateway::Upstreams {
+                    http: stack,
+                    tcp: outbound_tcp.clone(),
+                },
                 Arc::new(move || current.config()),
                 options.clone(),
                 stop_rx.clone(),

@@ -1,25 +1,26 @@
 //! Outbound opaque TCP: one client connection proxied to one endpoint of a service port, as
 //! Envoy's `tcp_proxy` filter does for an Istio sidecar's TCP ports.
 //!
-//! [`proxy_to_service`] (or [`proxy_with_local`]) is the entry point of every listener that has already decided a
-//! connection is opaque TCP for a known service port: the Sidecar egress listeners of
-//! `crate::sidecar_listeners` (Istio's `captureMode: NONE`), and transparently captured
-//! connections whose first bytes are not HTTP.
+//! [`proxy_to_service`] (or [`proxy_with_local`]) is the entry point of every listener that
+//! has already decided a connection is opaque TCP for a known service port: the Sidecar
+//! egress listeners of `crate::sidecar_listeners` (Istio's `captureMode: NONE`), and
+//! transparently captured connections whose first bytes are not HTTP.
+//! [`proxy_gateway_connection`] serves the gateway's `TCP` servers, which have no service:
+//! the routes alone say where a connection goes.
 //!
 //! Per connection, in order:
 //!
 //! 1. **Route**: on a `TLS` or `HTTPS` service port the client's ClientHello is read first
-//!    for its SNI (and replayed to the endpoint). The route table of the current config
-//!    (`mesh_routing`'s, rebuilt when the snapshot changes, so a reload applies to the next
-//!    connection) then picks the target: the first of the service's VirtualService `tls`
-//!    routes (by `sniHosts`) then `tcp` routes that applies (match `port`, `sourceLabels`,
-//!    `sourceNamespace`, `gateways`, and the dialled address in `destinationSubnets`, the
-//!    client's in `sourceSubnet`), its destinations drawn by weight, with the destination's
-//!    DestinationRule traffic policy and subset; else the
-//!    service itself with its DestinationRule policy (exported to this proxy,
-//!    `workloadSelector`, exact host over wildcard, port-level settings). VirtualService
-//!    `http` routes do not apply to TCP, as in Istio. A destination that is not a known
-//!    service, port or subset closes the connection (`NC`).
+//!    for its SNI (and replayed to the endpoint). The proxy's route table (the HTTP path's,
+//!    swapped on reload, so a reload applies to the next connection) then picks the target:
+//!    the first of the service's VirtualService `tls` routes (by `sniHosts`) then `tcp`
+//!    routes that applies (match `port`, `sourceLabels`, `sourceNamespace`, `gateways`, and
+//!    the dialled address in `destinationSubnets`, the client's in `sourceSubnet`), its
+//!    destinations drawn by weight, with the destination's DestinationRule traffic policy and
+//!    subset; else the service itself with its DestinationRule policy (exported to this
+//!    proxy, `workloadSelector`, exact host over wildcard, port-level settings).
+//!    VirtualService `http` routes do not apply to TCP, as in Istio. A destination that is
+//!    not a known service, port or subset closes the connection (`NC`).
 //! 2. **Endpoint**: the proxy's one balancer (`mesh_routing::balance`) picks an endpoint of
 //!    the live endpoint set by the DestinationRule's `loadBalancer` policy (default: P2C over
 //!    peak EWMA), skipping endpoints outlier detection ejected. The connection counts as in
@@ -78,8 +79,8 @@ use mesh_core::target::{RouteTarget, UpstreamTarget};
 use mesh_core::{Identity, ProxyError, ResponseFlags};
 use mesh_resilience::outlier::OutlierDetectionLayer;
 use mesh_resilience::pool_limits::{CircuitBreakers, Permit, PoolLimits};
+use mesh_routing::RouteTable;
 use mesh_routing::balance::BalanceLayer;
-use mesh_routing::{RouteTable, SourceContext};
 use mesh_telemetry::metrics::{
     Reporter, SecurityPolicy, TcpConnection, TcpConnectionMetrics, TcpMetrics,
 };
@@ -115,16 +116,15 @@ impl TcpOutError {
     }
 }
 
-/// What every outbound TCP connection of one proxy shares: the current config, the balancer
-/// and health registry of the HTTP path, its circuit breakers, the workload's mTLS client
-/// and its TCP metrics. Make one per proxy and share it by `Arc`.
+/// What every outbound TCP connection of one proxy shares: the current config and route
+/// table, the balancer and health registry of the HTTP path, its circuit breakers, the
+/// workload's mTLS client and its TCP metrics. Make one per proxy and share it by `Arc`.
 pub struct OutboundTcp {
     config: Arc<ArcSwap<MeshConfig>>,
+    /// The proxy's route table (the HTTP path's): its TLS and TCP routes.
+    routes: Arc<ArcSwap<RouteTable>>,
     /// Balancing, outlier detection and the dial, for the target the route table chose.
     balanced: Stack,
-    /// The route table (its TCP routes), and the config snapshot it was built from.
-    table: ArcSwap<RouteTable>,
-    built_from: Mutex<Option<Arc<MeshConfig>>>,
     metrics: TcpMetrics,
 }
 
@@ -135,12 +135,14 @@ impl std::fmt::Debug for OutboundTcp {
 }
 
 impl OutboundTcp {
-    /// `config`: the proxy's current snapshot (swapped on reload); `balancer`: the proxy's
-    /// one balancer (its health registry is where outlier detection writes); `breakers`: the
-    /// proxy's circuit breakers; `mesh_tls`: the workload's mTLS client, when it has an
-    /// identity; `metrics`: the proxy's TCP metrics (`Telemetry::tcp`).
+    /// `config`: the proxy's current snapshot (swapped on reload); `routes`: the route table
+    /// built from it for this proxy (swapped with it); `balancer`: the proxy's one balancer
+    /// (its health registry is where outlier detection writes); `breakers`: the proxy's
+    /// circuit breakers; `mesh_tls`: the workload's mTLS client, when it has an identity;
+    /// `metrics`: the proxy's TCP metrics (`Telemetry::tcp`).
     pub fn new(
         config: Arc<ArcSwap<MeshConfig>>,
+        routes: Arc<ArcSwap<RouteTable>>,
         balancer: &BalanceLayer,
         breakers: Arc<CircuitBreakers>,
         mesh_tls: Option<MtlsConnector>,
@@ -154,9 +156,8 @@ impl OutboundTcp {
         ));
         OutboundTcp {
             config,
+            routes,
             balanced,
-            table: ArcSwap::from_pointee(RouteTable::default()),
-            built_from: Mutex::new(None),
             metrics,
         }
     }
@@ -166,39 +167,28 @@ impl OutboundTcp {
         self.config.load_full()
     }
 
-    /// The route table of the current config snapshot, rebuilt first when the snapshot
-    /// changed since it was built. The lock is held for the check and the build only, never
-    /// across an await.
-    fn table(&self) -> Arc<RouteTable> {
-        let config = self.config.load_full();
-        let mut built = self
-            .built_from
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if !built.as_ref().is_some_and(|b| Arc::ptr_eq(b, &config)) {
-            let source = SourceContext::from_config(&config);
-            self.table
-                .store(Arc::new(RouteTable::build(&config, &source)));
-            *built = Some(config);
+    /// The target of a connection from `client` to `service` (`sni`: its ClientHello's).
+    fn route(
+        &self,
+        service: &Arc<ServicePort>,
+        client: &ClientInfo,
+        sni: Option<&str>,
+    ) -> Result<RouteTarget, ProxyError> {
+        match self.routes.load().select_tcp(service, client, sni) {
+            Some(routed) => routed,
+            // The snapshot the service came from knows a port the table's does not (a
+            // reload in between): the service as given, without traffic policy.
+            None => Ok(RouteTarget::new(service.clone())),
         }
-        self.table.load_full()
     }
 
-    /// Picks an endpoint of `service` and connects to it: the connection, its endpoint and
+    /// Picks an endpoint of `target` and connects to it: the connection, its endpoint and
     /// what it proved.
     async fn connect(
         &self,
-        service: &Arc<ServicePort>,
+        target: RouteTarget,
         client: ClientInfo,
-        sni: Option<&str>,
     ) -> Result<Connected, TcpOutError> {
-        let target = match self.table().select_tcp(service, &client, sni) {
-            Some(Ok(target)) => target,
-            Some(Err(no_cluster)) => return Err(TcpOutError::Upstream(no_cluster)),
-            // The snapshot the service came from knows a port the table's does not (a
-            // reload in between): the service as given, without traffic policy.
-            None => RouteTarget::new(service.clone()),
-        };
         let destination = target.service.host.to_arc();
         let name = target.name.clone();
         let slot = DialSlot::default();
@@ -291,7 +281,8 @@ where
         tls: false,
     };
     if !service.protocol.is_tls() {
-        return proxy_connection(client, info, None, service, ctx).await;
+        let routed = ctx.route(&service, &info, None);
+        return proxy_connection(client, info, routed, Some(service.host.to_arc()), ctx).await;
     }
     let mut hello = Vec::with_capacity(2048);
     let read = crate::client_hello::read_client_hello(&mut client, &mut hello);
@@ -307,32 +298,71 @@ where
         }
     };
     let client = crate::client_hello::Rewind::new(hello, client);
-    proxy_connection(client, info, sni.as_deref(), service, ctx).await
+    let routed = ctx.route(&service, &info, sni.as_deref());
+    proxy_connection(client, info, routed, Some(service.host.to_arc()), ctx).await
+}
+
+/// Proxies `client`, accepted from `remote` on a gateway listener bound at `local` (a
+/// `Gateway` server with protocol `TCP`), as the `tcp` routes of the VirtualServices bound
+/// to the gateways on `local`'s port direct. A connection no route takes is closed (`NR`),
+/// logged and counted like any TCP connection that could not be proxied.
+pub async fn proxy_gateway_connection<C>(
+    client: C,
+    remote: SocketAddr,
+    local: SocketAddr,
+    ctx: &OutboundTcp,
+) -> Result<(), TcpOutError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let info = ClientInfo {
+        remote,
+        local,
+        tls: false,
+    };
+    let routed = ctx
+        .routes
+        .load()
+        .select_gateway_tcp(local.port(), &info, None)
+        .unwrap_or_else(|| {
+            Err(ProxyError::new(
+                ResponseFlags::NO_ROUTE_FOUND,
+                format_args!(
+                    "no route: no VirtualService bound to the gateway has a tcp route for port {}",
+                    local.port()
+                ),
+            ))
+        });
+    proxy_connection(client, info, routed, None, ctx).await
 }
 
 /// How long a client on a TLS port has to send its ClientHello before it is proxied without
 /// one (the gateway's bound for the same read).
 pub const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Proxies `client` to the endpoint the route of (`info`, `sni`) leads to.
+/// Proxies `client` to an endpoint of the target routing chose (`routed`); `dialled`: the
+/// service the client addressed, for the metrics of a connection that could not be routed.
 async fn proxy_connection<C>(
     client: C,
     info: ClientInfo,
-    sni: Option<&str>,
-    service: Arc<ServicePort>,
+    routed: Result<RouteTarget, ProxyError>,
+    dialled: Option<Arc<str>>,
     ctx: &OutboundTcp,
 ) -> Result<(), TcpOutError>
 where
     C: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let remote = info.remote;
-    let connected = match ctx.connect(&service, info, sni).await {
+    let connected = match routed {
+        Ok(target) => ctx.connect(target, info).await,
+        Err(unrouted) => Err(TcpOutError::Upstream(unrouted)),
+    };
+    let connected = match connected {
         Ok(connected) => connected,
         Err(e) => {
-            let destination = service.host.to_arc();
             tracing::warn!(%remote, error = %e, "outbound TCP connection closed: the service could not be reached");
             let mut metrics = ctx.metrics.connection(TcpConnection {
-                destination_service: Some(destination),
+                destination_service: dialled,
                 response_flags: e.flags(),
                 ..TcpConnection::new(Reporter::Source)
             });
@@ -348,7 +378,7 @@ where
     } = connected;
     let mut metrics = ctx.metrics.connection(TcpConnection {
         peer: dialed.peer,
-        destination_service: Some(destination),
+        destination_service: Some(destination.clone()),
         // Istio's source-side reports leave the policy unknown.
         security: SecurityPolicy::Unknown,
         ..TcpConnection::new(Reporter::Source)
@@ -359,7 +389,7 @@ where
         io: client,
         activity: activity.clone(),
     };
-    tracing::debug!(%remote, service = %service.host, port = service.number, endpoint = %dialed.addr, "outbound TCP connection");
+    tracing::debug!(%remote, service = %destination, endpoint = %dialed.addr, "outbound TCP connection");
     tokio::select! {
         _ = crate::tcp::copy(metered, dialed.io, remote) => {}
         _ = activity.idle(dialed.idle_timeout) => {

@@ -635,3 +635,96 @@ async fn a_taken_gateway_port_fails_the_start_naming_the_listener() {
     );
     assert!(matches!(err, StartError::GatewayBind { .. }), "{err:?}");
 }
+
+/// Istio's TCP traffic shifting through the ingress gateway: a `TCP` Gateway server, and a
+/// VirtualService bound to it whose `tcp` route for that port splits connections 80/20
+/// between two subsets; then a config whose route names another port leaves this one
+/// without a route, and its connections are closed.
+#[tokio::test]
+async fn a_tcp_gateway_server_shifts_connections_by_weight() {
+    let v1 = support::tcp::speaks_first("v1\n").await;
+    let v2 = support::tcp::speaks_first("v2\n").await;
+    let yaml = |port: u16, route_port: u16| {
+        format!(
+            "{}{}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: tcp-echo }}
+spec:
+  hosts: [tcp-echo]
+  ports: [{{ number: 9000, name: tcp, protocol: TCP }}]
+  resolution: STATIC
+  endpoints:
+  - {{ address: \"{}\", ports: {{ tcp: {} }}, labels: {{ version: v1 }} }}
+  - {{ address: \"{}\", ports: {{ tcp: {} }}, labels: {{ version: v2 }} }}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: tcp-echo }}
+spec:
+  host: tcp-echo
+  subsets:
+  - {{ name: v1, labels: {{ version: v1 }} }}
+  - {{ name: v2, labels: {{ version: v2 }} }}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: tcp-echo }}
+spec:
+  hosts: [\"*\"]
+  gateways: [my-gateway]
+  tcp:
+  - match: [{{ port: {route_port} }}]
+    route:
+    - {{ destination: {{ host: tcp-echo, port: {{ number: 9000 }}, subset: v1 }}, weight: 80 }}
+    - {{ destination: {{ host: tcp-echo, port: {{ number: 9000 }}, subset: v2 }}, weight: 20 }}
+",
+            gateway_bootstrap(),
+            gateway(&format!(
+                "  - port: {{ number: {port}, name: tcp, protocol: TCP }}
+    bind: 127.0.0.1
+    hosts: [\"*\"]
+"
+            )),
+            v1.ip(),
+            v1.port(),
+            v2.ip(),
+            v2.port(),
+        )
+    };
+    let (proxy, addr) = start_gateway(|port| yaml(port, port)).await;
+    let mut seen = std::collections::HashMap::<String, u32>::new();
+    for _ in 0..200 {
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        let mut hello = [0u8; 3];
+        tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut hello))
+            .await
+            .expect("an endpoint greets through the gateway")
+            .unwrap();
+        *seen
+            .entry(String::from_utf8_lossy(&hello).into_owned())
+            .or_default() += 1;
+    }
+    let to_v1 = seen.get("v1\n").copied().unwrap_or(0);
+    assert_eq!(
+        to_v1 + seen.get("v2\n").copied().unwrap_or(0),
+        200,
+        "{seen:?}"
+    );
+    // 80 % of 200 is 160; ± 28 is five standard deviations of the binomial draw.
+    assert!((132..=188).contains(&to_v1), "{seen:?}");
+
+    // The route now names another port: nothing routes this one, so the gateway closes the
+    // connection without a byte.
+    proxy
+        .apply_config(load(&yaml(addr.port(), addr.port().wrapping_add(1))))
+        .unwrap();
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest))
+        .await
+        .expect("the gateway closes an unrouted connection")
+        .unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    proxy.shutdown().await;
+}

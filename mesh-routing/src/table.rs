@@ -189,6 +189,9 @@ pub struct RouteTable {
     /// TLS and opaque TCP routes per service host (its canonical name) and port; see
     /// `crate::tcp`.
     tcp: HashMap<Box<str>, Vec<(u16, Arc<TcpRoutes>)>>,
+    /// The TLS and opaque TCP routes of the VirtualServices bound to this proxy's Gateways,
+    /// per gateway port.
+    gateway_tcp: Vec<(u16, Arc<TcpRoutes>)>,
     /// The Bootstrap's `outboundTrafficPolicy.mode`: what becomes of hosts no virtual host
     /// serves (the proxy's egress policy layer reads it with the table it goes with).
     outbound_mode: OutboundTrafficMode,
@@ -308,6 +311,23 @@ impl RouteTable {
             .get(service.host.as_str())?
             .iter()
             .find(|(port, _)| *port == service.number)?;
+        Some(routes.select(client, sni))
+    }
+
+    /// The route of a connection from `client` accepted on gateway port `port` (a Gateway
+    /// server with protocol `TCP`), `sni` as for [`select_tcp`](Self::select_tcp): the `tls`
+    /// and `tcp` routes of the VirtualServices bound to the Gateways with a server on that
+    /// port, in load order. `None` when no such route names the port.
+    ///
+    /// Errors: `NR` when no route applies to the connection (a gateway port has no service
+    /// of its own to fall back on), `NC` when the route's destination is unknown.
+    pub fn select_gateway_tcp(
+        &self,
+        port: u16,
+        client: &ClientInfo,
+        sni: Option<&str>,
+    ) -> Option<Result<mesh_core::target::RouteTarget, ProxyError>> {
+        let (_, routes) = self.gateway_tcp.iter().find(|(p, _)| *p == port)?;
         Some(routes.select(client, sni))
     }
 
@@ -586,6 +606,7 @@ impl<'a> Builder<'a> {
         }
         for (port, names) in ports {
             self.table.gateway_ports.push(port);
+            let mut tcp_rules = Vec::new();
             for i in 0..self.virtual_services.len() {
                 let vs = self.virtual_services[i];
                 let bound = vs.spec.gateways.iter().any(|g| {
@@ -598,6 +619,7 @@ impl<'a> Builder<'a> {
                 if !bound {
                     continue;
                 }
+                tcp_rules.extend(self.l4_rules(vs, port));
                 let Some(routes) = self.routes_for(i, port) else {
                     continue;
                 };
@@ -616,6 +638,11 @@ impl<'a> Builder<'a> {
                     }
                 }
             }
+            if !tcp_rules.is_empty() {
+                // A gateway port has no service of its own to fall back on.
+                let routes = TcpRoutes::new(format!("gateway port {port}"), tcp_rules, None);
+                self.table.gateway_tcp.push((port, Arc::new(routes)));
+            }
         }
         self.table
             .gateway_wildcards
@@ -632,54 +659,63 @@ impl<'a> Builder<'a> {
         Arc::new(Routes::new(vec![RouteRule::default_route(target)]))
     }
 
-    /// The opaque TCP routes of `service`: virtual service `i`'s `tcp` routes whose blocks
-    /// can match this proxy on the service's port, then the service itself.
+    /// The routes of `service` for connections proxied as bytes: virtual service `i`'s `tls`
+    /// and `tcp` routes whose blocks can match this proxy on the service's port, then the
+    /// service itself.
     fn tcp_routes(&mut self, i: Option<usize>, service: &Arc<ServicePort>) -> Arc<TcpRoutes> {
         let no_retry = self.resolver.no_retry();
-        let port = service.number;
+        let rules = match i {
+            Some(i) => self.l4_rules(self.virtual_services[i], service.number),
+            None => Vec::new(),
+        };
+        let default = self
+            .resolver
+            .target(service, service.host.as_str(), None, None, &no_retry);
+        let name = format!("{}:{}", service.host, service.number);
+        Arc::new(TcpRoutes::new(name, rules, Some(default)))
+    }
+
+    /// `vs`'s `tls` routes, then its `tcp` routes, with the blocks that can match this proxy
+    /// on `port`; a route left without a block is dropped.
+    fn l4_rules(&mut self, vs: &VirtualService, port: u16) -> Vec<TcpRule> {
         let mut rules = Vec::new();
-        if let Some(vs) = i.map(|i| self.virtual_services[i]) {
-            for route in &vs.spec.tls {
-                let blocks: Vec<TcpBlock> = route
-                    .r#match
-                    .iter()
-                    .filter(|m| m.port.is_none_or(|p| p.get() == port))
-                    .filter(|m| {
-                        self.source.selected_by(
-                            &m.gateways,
-                            &m.source_labels,
-                            m.source_namespace.as_deref(),
-                            vs.namespace(),
-                        )
-                    })
-                    .map(TcpBlock::compile_tls)
-                    .collect();
-                // A TLS route always has blocks (validated): none left, none can match.
-                if !blocks.is_empty() {
-                    let destinations = self.l4_destinations(&route.route, port);
-                    rules.push(TcpRule::new(blocks, destinations));
-                }
-            }
-            for route in &vs.spec.tcp {
-                let blocks: Vec<TcpBlock> = route
-                    .r#match
-                    .iter()
-                    .filter(|m| m.port.is_none_or(|p| p.get() == port))
-                    .filter(|m| self.source.selects_l4(m, vs.namespace()))
-                    .map(TcpBlock::compile)
-                    .collect();
-                if blocks.is_empty() && !route.r#match.is_empty() {
-                    // No block can match this proxy on this port.
-                    continue;
-                }
+        for route in &vs.spec.tls {
+            let blocks: Vec<TcpBlock> = route
+                .r#match
+                .iter()
+                .filter(|m| m.port.is_none_or(|p| p.get() == port))
+                .filter(|m| {
+                    self.source.selected_by(
+                        &m.gateways,
+                        &m.source_labels,
+                        m.source_namespace.as_deref(),
+                        vs.namespace(),
+                    )
+                })
+                .map(TcpBlock::compile_tls)
+                .collect();
+            // A TLS route always has blocks (validated): none left, none can match.
+            if !blocks.is_empty() {
                 let destinations = self.l4_destinations(&route.route, port);
                 rules.push(TcpRule::new(blocks, destinations));
             }
         }
-        let default = self
-            .resolver
-            .target(service, service.host.as_str(), None, None, &no_retry);
-        Arc::new(TcpRoutes::new(rules, default))
+        for route in &vs.spec.tcp {
+            let blocks: Vec<TcpBlock> = route
+                .r#match
+                .iter()
+                .filter(|m| m.port.is_none_or(|p| p.get() == port))
+                .filter(|m| self.source.selects_l4(m, vs.namespace()))
+                .map(TcpBlock::compile)
+                .collect();
+            if blocks.is_empty() && !route.r#match.is_empty() {
+                // No block can match this proxy on this port.
+                continue;
+            }
+            let destinations = self.l4_destinations(&route.route, port);
+            rules.push(TcpRule::new(blocks, destinations));
+        }
+        rules
     }
 
     /// A `tcp` or `tls` route's weighted destinations, resolved for a connection on `port`.

@@ -20,6 +20,9 @@
 //! - A connection no route takes, and every connection to a service no VirtualService routes
 //!   with `tcp`, goes to the service itself with its DestinationRule policy (Istio's default
 //!   filter chain for the service).
+//! - On a gateway port (a `Gateway` server with protocol `TCP`), the routes are those of the
+//!   VirtualServices bound to the Gateways with a server on the port, in load order, and a
+//!   connection none applies to is refused (`NR`): there is no service to fall back on.
 //! - A destination naming no known service, port or subset is Envoy's missing cluster: the
 //!   connection is refused with `NC` and a message naming it, and a weighted split keeps its
 //!   proportions.
@@ -38,9 +41,11 @@ use crate::destination::{Destinations, Target};
 /// The TCP routes of one service port.
 #[derive(Debug)]
 pub(crate) struct TcpRoutes {
+    /// `host:port` or `gateway port N`, for messages.
+    name: Box<str>,
     rules: Box<[TcpRule]>,
-    /// The service itself, for connections no rule takes.
-    default: Target,
+    /// The service itself, for connections no rule takes; `None` on a gateway port.
+    default: Option<Target>,
 }
 
 #[derive(Debug)]
@@ -124,8 +129,9 @@ impl TcpRule {
 }
 
 impl TcpRoutes {
-    pub(crate) fn new(rules: Vec<TcpRule>, default: Target) -> TcpRoutes {
+    pub(crate) fn new(name: String, rules: Vec<TcpRule>, default: Option<Target>) -> TcpRoutes {
         TcpRoutes {
+            name: name.into(),
             rules: rules.into(),
             default,
         }
@@ -154,7 +160,18 @@ impl TcpRoutes {
                     ));
                 }
             },
-            None => &self.default,
+            None => match &self.default {
+                Some(default) => default,
+                None => {
+                    return Err(ProxyError::new(
+                        ResponseFlags::NO_ROUTE_FOUND,
+                        format_args!(
+                            "no route: no TCP route of {} matches the connection from {}",
+                            self.name, client.remote
+                        ),
+                    ));
+                }
+            },
         };
         match target {
             Target::Found(target) => Ok(target.clone()),

@@ -299,3 +299,61 @@ spec:
     assert_eq!(subset(&pick(Some("other.example"), VIP)), Some("v1"));
     assert_eq!(subset(&pick(None, VIP)), Some("v1"));
 }
+
+#[test]
+fn a_gateway_port_takes_the_tcp_routes_bound_to_its_gateways_and_nothing_else() {
+    let config = config(
+        "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: { name: edge }
+spec:
+  selector: { app: client }
+  servers: [{ port: { number: 31400, name: tcp, protocol: TCP }, hosts: [\"*\"] }]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: edge }
+spec:
+  hosts: [\"*\"]
+  gateways: [edge]
+  tcp:
+  - match: [{ port: 31401 }]
+    route: [{ destination: { host: mysql } }]
+  - match: [{ port: 31400, sourceSubnet: 10.9.0.0/16 }]
+    route: [{ destination: { host: tcp-echo, port: { number: 9000 }, subset: v2 } }]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: mesh-only }
+spec:
+  hosts: [tcp-echo]
+  tcp:
+  - route: [{ destination: { host: tcp-echo, subset: v1 } }]
+",
+    );
+    let mut source = SourceContext::from_config(&config);
+    source.gateways = vec!["default/edge".to_string()];
+    let table = RouteTable::build(&config, &source);
+    let at = |remote: &str| client(remote, "10.1.1.1:31400");
+    let target = table
+        .select_gateway_tcp(31400, &at("10.9.3.3:5000"), None)
+        .unwrap()
+        .unwrap();
+    assert_eq!(&*target.name, "tcp-echo.default.svc.cluster.local:9000/v2");
+    // A client outside the source subnet: no route, and no service to fall back on.
+    let err = table
+        .select_gateway_tcp(31400, &at("10.8.0.1:5000"), None)
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.flags(), ResponseFlags::NO_ROUTE_FOUND);
+    assert!(err.to_string().contains("gateway port 31400"), "{err}");
+    // No route names another port of the proxy.
+    assert!(table.select_gateway_tcp(8080, &at(APP), None).is_none());
+    // The `mesh` VirtualService does not apply on a gateway.
+    let service = config.services().lookup("tcp-echo", 9000).unwrap();
+    let own = table
+        .select_tcp(service, &client(APP, VIP), None)
+        .unwrap()
+        .unwrap();
+    assert_eq!(subset(&own), None);
+}
