@@ -647,26 +647,7 @@ async fn a_tcp_gateway_server_shifts_connections_by_weight() {
     let yaml = |port: u16, route_port: u16| {
         format!(
             "{}{}---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{ name: tcp-echo }}
-spec:
-  hosts: [tcp-echo]
-  ports: [{{ number: 9000, name: tcp, protocol: TCP }}]
-  resolution: STATIC
-  endpoints:
-  - {{ address: \"{}\", ports: {{ tcp: {} }}, labels: {{ version: v1 }} }}
-  - {{ address: \"{}\", ports: {{ tcp: {} }}, labels: {{ version: v2 }} }}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{ name: tcp-echo }}
-spec:
-  host: tcp-echo
-  subsets:
-  - {{ name: v1, labels: {{ version: v1 }} }}
-  - {{ name: v2, labels: {{ version: v2 }} }}
----
+{}---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {{ name: tcp-echo }}
@@ -686,10 +667,7 @@ spec:
     hosts: [\"*\"]
 "
             )),
-            v1.ip(),
-            v1.port(),
-            v2.ip(),
-            v2.port(),
+            support::tcp::two_versions("tcp-echo", 9000, "TCP", [v1, v2]),
         )
     };
     let (proxy, addr) = start_gateway(|port| yaml(port, port)).await;

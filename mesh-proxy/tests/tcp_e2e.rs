@@ -15,7 +15,7 @@ use mesh_proxy::sidecar_listeners::SidecarError;
 use mesh_proxy::{RunningProxy, StartError};
 use support::app::App;
 use support::pki::{Pki, STRICT, sidecar};
-use support::tcp::{closed_port, echo_server, free_ports, speaks_first};
+use support::tcp::{closed_port, echo_server, free_ports, speaks_first, two_versions};
 use support::{bootstrap, get, http1_client, load, text, wait_ready};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -650,26 +650,7 @@ fn versions_config(
 ) -> String {
     format!(
         "{}---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{ name: versions, namespace: default }}
-spec:
-  hosts: [\"{host}\"]
-  ports: [{{ number: {port}, name: l4, protocol: {protocol} }}]
-  resolution: STATIC
-  endpoints:
-  - {{ address: \"{}\", ports: {{ l4: {} }}, labels: {{ version: v1 }} }}
-  - {{ address: \"{}\", ports: {{ l4: {} }}, labels: {{ version: v2 }} }}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{ name: versions, namespace: default }}
-spec:
-  host: \"{host}\"
-  subsets:
-  - {{ name: v1, labels: {{ version: v1 }} }}
-  - {{ name: v2, labels: {{ version: v2 }} }}
----
+{}---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {{ name: versions, namespace: default }}
@@ -677,10 +658,7 @@ spec:
   hosts: [\"{host}\"]
 {routes}{}",
         bootstrap("client", None),
-        v1.ip(),
-        v1.port(),
-        v2.ip(),
-        v2.port(),
+        two_versions(host, port, protocol, [v1, v2]),
         sidecar_resource(
             "client",
             &format!(

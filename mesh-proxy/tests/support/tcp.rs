@@ -63,3 +63,35 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         .map(|l| l.local_addr().unwrap().port())
         .collect()
 }
+
+/// A STATIC ServiceEntry for `host` (port `port`, named `l4`, `protocol`) with two endpoints
+/// labelled `version: v1` and `version: v2`, and a DestinationRule naming the two subsets:
+/// the YAML of the L4 traffic-shifting tests (no leading `---`).
+pub fn two_versions(host: &str, port: u16, protocol: &str, [v1, v2]: [SocketAddr; 2]) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: versions, namespace: default }}
+spec:
+  hosts: [\"{host}\"]
+  ports: [{{ number: {port}, name: l4, protocol: {protocol} }}]
+  resolution: STATIC
+  endpoints:
+  - {{ address: \"{}\", ports: {{ l4: {} }}, labels: {{ version: v1 }} }}
+  - {{ address: \"{}\", ports: {{ l4: {} }}, labels: {{ version: v2 }} }}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: versions, namespace: default }}
+spec:
+  host: \"{host}\"
+  subsets:
+  - {{ name: v1, labels: {{ version: v1 }} }}
+  - {{ name: v2, labels: {{ version: v2 }} }}
+",
+        v1.ip(),
+        v1.port(),
+        v2.ip(),
+        v2.port()
+    )
+}
