@@ -27,9 +27,10 @@
 //!     configuration). A terminated `TLS` server serves HTTP too: routing its stream by a
 //!     VirtualService's `tcp` routes is not supported.
 //!   - `PASSTHROUGH`: not terminated; the SNI chooses a VirtualService `tls` route bound to
-//!     the gateway (`match.sniHosts`, and `port` when given), and the raw stream, ClientHello
-//!     included, is copied to an endpoint of its destination (the config's ServiceEntry
-//!     endpoints; several destinations are taken in turn by `weight`).
+//!     the gateway (`match.sniHosts`, and `port` when given; several destinations drawn by
+//!     `weight`), and the raw stream, ClientHello included, goes through the proxy's
+//!     outbound TCP path (`crate::tcp_out`: the balancer over the destination's endpoints,
+//!     outlier detection, TCP metrics), as the `TCP` servers below. No route: closed (`NR`).
 //!
 //! - `TCP` servers (also `MONGO`, `REDIS`, `MYSQL`, which a gateway proxies as TCP): each
 //!   connection goes where the `tls`/`tcp` routes of the VirtualServices bound to the
@@ -59,7 +60,7 @@
 //! ([`crate::outbound::stack`]: telemetry, routing, retries, balancing, mesh mTLS
 //! origination), so a gateway with a Bootstrap `identity` calls mesh workloads over
 //! ISTIO_MUTUAL. The listener set is fixed at start, like the other listeners: a `Gateway`
-//! change on config reload changes routing (the names bound, the passthrough routes) but
+//! change on config reload changes routing (the names bound, the `tls`/`tcp` routes) but
 //! binds or closes nothing until restart.
 
 use std::collections::HashMap;
@@ -69,8 +70,7 @@ use std::convert::Infallible;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::LOCATION;
@@ -86,7 +86,7 @@ use mesh_core::config::{Gateway, MeshConfig, Protocol};
 use mesh_core::conn::ClientInfo;
 use mesh_core::host::{split_authority, wildcard_matches};
 use mesh_tls::TlsError;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -100,7 +100,6 @@ use tower::ServiceExt;
 
 use crate::server::HttpService;
 use crate::tcp_out::OutboundTcp;
-use crate::upstream::DEFAULT_CONNECT_TIMEOUT;
 
 /// How long a client has to send its ClientHello and finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -331,13 +330,7 @@ fn compile_listener(
                 matches!(s.port.effective_protocol(), Protocol::Https | Protocol::Tls)
                     .then_some(s.hosts.as_slice())
             }));
-            Ok(ListenerKind::Tls(TlsServers {
-                servers: tls,
-                sni,
-                gateways: gateways.to_vec(),
-                passthrough: Mutex::new(None),
-                next: AtomicUsize::new(0),
-            }))
+            Ok(ListenerKind::Tls(TlsServers { servers: tls, sni }))
         }
         _ => Err(GatewayError::Listener {
             addr,
@@ -456,11 +449,6 @@ struct TlsServers {
     servers: Vec<TlsServer>,
     /// SNI → index into `servers`.
     sni: HostMatcher,
-    gateways: Vec<String>,
-    /// The passthrough routes, compiled from the config they were last built from.
-    passthrough: Mutex<Option<(Arc<MeshConfig>, Arc<PassthroughRoutes>)>>,
-    /// Turns for weighted passthrough destinations and endpoints.
-    next: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -647,156 +635,6 @@ fn server_config(settings: &ServerTlsSettings, auth: Auth) -> Result<Arc<ServerC
 }
 
 // ---------------------------------------------------------------------------------------
-// Passthrough routes
-
-/// The VirtualService `tls` routes bound to a listener's gateways, for one config.
-#[derive(Debug, Default)]
-struct PassthroughRoutes {
-    /// In order: the first whose SNI patterns match wins.
-    routes: Vec<PassthroughRoute>,
-}
-
-#[derive(Debug)]
-struct PassthroughRoute {
-    /// `sniHosts` of its match blocks that apply to this listener.
-    sni: Vec<String>,
-    destinations: Vec<PassthroughDestination>,
-}
-
-#[derive(Debug)]
-struct PassthroughDestination {
-    host: String,
-    port: Option<u16>,
-    weight: u32,
-}
-
-impl PassthroughRoutes {
-    fn compile(config: &MeshConfig, gateways: &[String], port: u16) -> PassthroughRoutes {
-        let binds = |names: &[String], namespace: &str| {
-            names.iter().any(|g| {
-                let qualified = match g.split_once('/') {
-                    Some(_) => g.clone(),
-                    None => format!("{namespace}/{g}"),
-                };
-                gateways.contains(&qualified)
-            })
-        };
-        let mut routes = Vec::new();
-        for vs in config.virtual_services() {
-            if !binds(&vs.spec.gateways, vs.namespace()) {
-                continue;
-            }
-            for route in &vs.spec.tls {
-                let mut patterns = Vec::new();
-                for m in &route.r#match {
-                    if m.port.is_some_and(|p| p.get() != port)
-                        || (!m.gateways.is_empty() && !binds(&m.gateways, vs.namespace()))
-                    {
-                        continue;
-                    }
-                    patterns.extend(m.sni_hosts.iter().map(|h| server_host(h)));
-                }
-                if patterns.is_empty() {
-                    continue;
-                }
-                // A lone destination takes everything; several share by weight.
-                let destinations = route
-                    .route
-                    .iter()
-                    .map(|d| PassthroughDestination {
-                        host: d.destination.host.clone(),
-                        port: d.destination.port.map(|p| p.number.get()),
-                        weight: d
-                            .weight
-                            .unwrap_or(if route.route.len() == 1 { 1 } else { 0 }),
-                    })
-                    .filter(|d| d.weight > 0)
-                    .collect();
-                routes.push(PassthroughRoute {
-                    sni: patterns,
-                    destinations,
-                });
-            }
-        }
-        PassthroughRoutes { routes }
-    }
-
-    /// The destination for `sni`, taking turn `turn` among weighted destinations.
-    fn destination(&self, sni: &str, turn: usize) -> Option<(&str, Option<u16>)> {
-        let destinations = &self
-            .routes
-            .iter()
-            .find(|r| r.sni.iter().any(|p| wildcard_matches(p, sni)))?
-            .destinations;
-        let total: u32 = destinations.iter().map(|d| d.weight).sum();
-        if total == 0 {
-            return None;
-        }
-        let mut pick = u32::try_from(turn % total as usize).unwrap_or(0);
-        destinations.iter().find_map(|d| {
-            if pick < d.weight {
-                Some((d.host.as_str(), d.port))
-            } else {
-                pick -= d.weight;
-                None
-            }
-        })
-    }
-}
-
-impl TlsServers {
-    fn passthrough_routes(&self, config: Arc<MeshConfig>, port: u16) -> Arc<PassthroughRoutes> {
-        // Held for a pointer compare (and a compile once per config), never across an await.
-        let mut cached = match self.passthrough.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if let Some((built_from, routes)) = cached.as_ref()
-            && Arc::ptr_eq(built_from, &config)
-        {
-            return routes.clone();
-        }
-        let routes = Arc::new(PassthroughRoutes::compile(&config, &self.gateways, port));
-        *cached = Some((config, routes.clone()));
-        routes
-    }
-
-    /// The endpoint a passthrough connection with `sni` goes to.
-    fn passthrough_endpoint(
-        &self,
-        config: Arc<MeshConfig>,
-        sni: &str,
-        port: u16,
-    ) -> Result<SocketAddr, String> {
-        let routes = self.passthrough_routes(config.clone(), port);
-        let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        let (host, dest_port) = routes
-            .destination(sni, turn)
-            .ok_or_else(|| format!("no VirtualService tls route matches SNI {sni:?}"))?;
-        let registry = config.services();
-        let service = match dest_port {
-            Some(p) => registry.lookup(host, p),
-            None => {
-                let mut ports = registry.ports_of(host);
-                match (ports.next(), ports.next()) {
-                    (Some(only), None) => Some(only),
-                    _ => registry.lookup(host, port),
-                }
-            }
-        }
-        .ok_or_else(|| format!("the tls route's destination {host} is not a known service port"))?;
-        let endpoints = &service.endpoints;
-        if endpoints.is_empty() {
-            return Err(format!(
-                "{}:{} has no endpoints",
-                service.host, service.number
-            ));
-        }
-        Ok(endpoints[turn % endpoints.len()].address)
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // Serving
 
 /// The hyper service of one connection: tags each request with its connection, answers
@@ -821,15 +659,11 @@ fn gateway_service(
     })
 }
 
-/// Reads the current configuration (for passthrough routes, which follow reloads).
-pub type ConfigSource = Arc<dyn Fn() -> Arc<MeshConfig> + Send + Sync>;
-
 /// What a gateway listener's connections share.
 struct Shared {
     gateway: Arc<GatewayListener>,
     stack: HttpService,
     tcp: Arc<OutboundTcp>,
-    config: ConfigSource,
     builder: auto::Builder<TokioExecutor>,
     local: SocketAddr,
     idle_timeout: Duration,
@@ -856,7 +690,6 @@ pub async fn serve(
     listener: TcpListener,
     gateway: Arc<GatewayListener>,
     upstreams: Upstreams,
-    config: ConfigSource,
     options: crate::server::ListenerOptions,
     mut shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
@@ -872,7 +705,6 @@ pub async fn serve(
         gateway,
         stack: upstreams.http,
         tcp: upstreams.tcp,
-        config,
         builder: crate::server::http_builder(&options.limits),
         local,
         idle_timeout: options.limits.idle_timeout.get(),
@@ -934,9 +766,14 @@ async fn connection(
         ListenerKind::Tls(tls) => tls,
         ListenerKind::Tcp => {
             // Logged and counted inside, naming the route or its absence.
-            let _ =
-                crate::tcp_out::proxy_gateway_connection(stream, remote, shared.local, &shared.tcp)
-                    .await;
+            let _ = crate::tcp_out::proxy_gateway_connection(
+                stream,
+                remote,
+                shared.local,
+                None,
+                &shared.tcp,
+            )
+            .await;
             return;
         }
     };
@@ -977,49 +814,18 @@ async fn connection(
         }
         TlsMode::Passthrough => {
             drop(watcher);
-            let sni = sni.unwrap_or_default();
-            let endpoint = tls.passthrough_endpoint((shared.config)(), &sni, shared.local.port());
-            match endpoint {
-                Ok(endpoint) => passthrough(io, remote, endpoint, name, &sni).await,
-                Err(reason) => {
-                    tracing::info!(listener = %name, %remote, sni = %sni, "passthrough connection closed: {reason}");
-                }
-            }
+            // The bound `tls` routes by SNI, through the outbound TCP path; logged and
+            // counted there.
+            let _ = crate::tcp_out::proxy_gateway_connection(
+                io,
+                remote,
+                shared.local,
+                sni.as_deref(),
+                &shared.tcp,
+            )
+            .await;
         }
     }
-}
-
-/// Copies a passthrough connection (ClientHello first) to `endpoint`, both ways.
-async fn passthrough(
-    mut downstream: Rewind<TcpStream>,
-    remote: SocketAddr,
-    endpoint: SocketAddr,
-    name: &str,
-    sni: &str,
-) {
-    let connected =
-        tokio::time::timeout(DEFAULT_CONNECT_TIMEOUT, TcpStream::connect(endpoint)).await;
-    let mut upstream = match connected {
-        Ok(Ok(upstream)) => upstream,
-        Ok(Err(e)) => {
-            tracing::info!(listener = %name, %remote, sni, %endpoint, error = %e, "passthrough connect failed");
-            return;
-        }
-        Err(_) => {
-            tracing::info!(listener = %name, %remote, sni, %endpoint, "passthrough connect timed out");
-            return;
-        }
-    };
-    let _ = upstream.set_nodelay(true);
-    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-        Ok((sent, received)) => {
-            tracing::trace!(listener = %name, %remote, sni, %endpoint, sent, received, "passthrough connection ended");
-        }
-        Err(e) => {
-            tracing::debug!(listener = %name, %remote, sni, %endpoint, error = %e, "passthrough connection failed");
-        }
-    }
-    let _ = upstream.shutdown().await;
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on `io`: each request's host is checked against `router`, then

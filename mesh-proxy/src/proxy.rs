@@ -496,7 +496,6 @@ impl RunningProxy {
                 &shared.telemetry,
                 upstream.clone(),
             );
-            let current = shared.clone();
             listeners.push(tokio::spawn(crate::gateway::serve(
                 listener,
                 gateway,
@@ -504,7 +503,6 @@ impl RunningProxy {
                     http: stack,
                     tcp: outbound_tcp.clone(),
                 },
-                Arc::new(move || current.config()),
                 options.clone(),
                 stop_rx.clone(),
                 drain,

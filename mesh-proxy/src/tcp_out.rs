@@ -303,13 +303,15 @@ where
 }
 
 /// Proxies `client`, accepted from `remote` on a gateway listener bound at `local` (a
-/// `Gateway` server with protocol `TCP`), as the `tcp` routes of the VirtualServices bound
-/// to the gateways on `local`'s port direct. A connection no route takes is closed (`NR`),
-/// logged and counted like any TCP connection that could not be proxied.
+/// `Gateway` server with protocol `TCP`, or a `PASSTHROUGH` one whose ClientHello named
+/// `sni`), as the `tls` and `tcp` routes of the VirtualServices bound to the gateways on
+/// `local`'s port direct. A connection no route takes is closed (`NR`), logged and counted
+/// like any TCP connection that could not be proxied.
 pub async fn proxy_gateway_connection<C>(
     client: C,
     remote: SocketAddr,
     local: SocketAddr,
+    sni: Option<&str>,
     ctx: &OutboundTcp,
 ) -> Result<(), TcpOutError>
 where
@@ -323,12 +325,12 @@ where
     let routed = ctx
         .routes
         .load()
-        .select_gateway_tcp(local.port(), &info, None)
+        .select_gateway_tcp(local.port(), &info, sni)
         .unwrap_or_else(|| {
             Err(ProxyError::new(
                 ResponseFlags::NO_ROUTE_FOUND,
                 format_args!(
-                    "no route: no VirtualService bound to the gateway has a tcp route for port {}",
+                    "no route: no VirtualService bound to the gateway has a tls or tcp route for port {}",
                     local.port()
                 ),
             ))

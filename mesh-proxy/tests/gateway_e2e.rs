@@ -606,6 +606,19 @@ spec:
     tls.read_to_end(&mut reply).await.unwrap();
     assert_eq!(reply, b"pong:ping");
     drop(tls); // else the drain below waits for this stream to end
+    // It went through the outbound TCP path, which counts it.
+    let resp = http1_client()
+        .request(get(proxy.admin_addr(), "admin", "/metrics"))
+        .await
+        .unwrap();
+    let metrics = text(resp).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("destination_service=\"secure-backend.default.svc.cluster.local\"")),
+        "{metrics}"
+    );
 
     // A server host without a tls route: the connection is closed.
     let refused = client.connect(addr, "nowhere.example.com").await;
