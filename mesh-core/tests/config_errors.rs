@@ -733,3 +733,32 @@ fn peer_authentication_port_level_needs_match_labels() {
         );
     }
 }
+
+#[test]
+fn tls_route_sni_hosts_must_be_among_the_virtual_service_hosts() {
+    let vs = |sni: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: edge }}
+spec:
+  hosts: [\"*.example.com\", db.internal]
+  tls:
+  - match: [{{ sniHosts: [{sni}] }}]
+    route: [{{ destination: {{ host: db.internal }} }}]
+"
+        )
+    };
+    let e = single(&vs("api.other.org"));
+    assert_eq!(e.path.as_deref(), Some("spec.tls[0].match[0].sniHosts[0]"));
+    assert!(
+        e.message.contains("api.other.org") && e.message.contains("*.example.com"),
+        "{}",
+        e.message
+    );
+    // Exact, covered by a wildcard, or a narrower wildcard: accepted.
+    for ok in ["db.internal", "API.example.com", "\"*.eu.example.com\""] {
+        let sources = [Source::new("ok.yaml", vs(ok))];
+        assert!(config::load_sources(&sources).is_ok(), "{ok}");
+    }
+}

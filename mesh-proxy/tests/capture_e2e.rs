@@ -306,6 +306,14 @@ async fn captured_inside_a_network_namespace() {
         .expect("the greeter answers")
         .unwrap();
     assert_eq!(&greeting, b"greeter\n");
+    drop(canary);
+    let m = metrics().await;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("destination_service=\"greeter.default.svc.cluster.local\"")),
+        "the routed connection is counted against the service it went to:\n{m}"
+    );
 
     // A destination the mesh does not know: ALLOW_ANY passes it through as addressed.
     let outside_addr: SocketAddr = format!("{EXTERNAL_IP}:8080").parse().unwrap();

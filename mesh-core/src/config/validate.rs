@@ -96,6 +96,18 @@ pub(crate) fn virtual_service(vs: &VirtualServiceSpec, out: &mut Issues) {
             if m.sni_hosts.is_empty() {
                 out.add(format!("{p}.match[{j}].sniHosts"), "sniHosts is required");
             }
+            // Istio's rule: a route can only take connections the VirtualService is for.
+            for (k, sni) in m.sni_hosts.iter().enumerate() {
+                if !vs.hosts.iter().any(|h| host_covers(h, sni)) {
+                    out.add(
+                        format!("{p}.match[{j}].sniHosts[{k}]"),
+                        format!(
+                            "`{sni}` is not one of the VirtualService's hosts ({}) nor covered by a wildcard among them",
+                            vs.hosts.join(", ")
+                        ),
+                    );
+                }
+            }
             ips(
                 out,
                 &format!("{p}.match[{j}].destinationSubnets"),
@@ -1170,6 +1182,13 @@ fn non_empty_items(out: &mut Issues, p: &str, items: &[String]) {
             out.add(format!("{p}[{i}]"), "must not be empty");
         }
     }
+}
+
+/// Whether host pattern `host` (exact, `*.suffix` or `*`) takes every name `name` (itself
+/// exact or a wildcard) stands for: Istio's `SubsetOf`, case aside.
+fn host_covers(host: &str, name: &str) -> bool {
+    let (host, name) = (host.to_ascii_lowercase(), name.to_ascii_lowercase());
+    host == name || crate::host::wildcard_matches(&host, &name)
 }
 
 /// Each of `values` an IP address or CIDR.
