@@ -26,6 +26,7 @@ use std::task::{Context, Poll};
 use arc_swap::ArcSwap;
 use futures::future::{BoxFuture, Either};
 use http::{Request, Response, StatusCode};
+use ipnet::IpNet;
 use mesh_core::ProxyError;
 use mesh_core::body::{BoxBody, BoxError};
 use mesh_core::config::MeshConfig;
@@ -37,7 +38,7 @@ use mesh_routing::RouteTable;
 use tokio::net::TcpStream;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::tcp_out::{OutboundTcp, proxy_with_local};
+use crate::tcp_out::{OutboundTcp, proxy_captured};
 use crate::upstream::{DEFAULT_CONNECT_TIMEOUT, Upstream};
 
 /// Istio's name for the cluster of traffic to destinations the mesh does not know.
@@ -69,24 +70,31 @@ pub fn outbound_mode(config: &MeshConfig) -> OutboundTrafficMode {
 }
 
 /// The services a captured connection may be addressed to, by the address it was dialled
-/// at: each ServiceEntry `addresses` entry (a VIP) with each of its ports, and each endpoint
-/// address. Built once per config; looked up per connection.
+/// at: each ServiceEntry `addresses` entry (a VIP, or a CIDR range of them) with each of its
+/// ports, and each endpoint address. Built once per config; looked up per connection: an
+/// exact address first, then the narrowest range holding it.
 #[derive(Debug, Default)]
 pub struct ServiceAddresses {
     by_addr: HashMap<SocketAddr, Arc<ServicePort>>,
+    /// `(range, port, service)`, longest prefix first.
+    ranges: Vec<(IpNet, u16, Arc<ServicePort>)>,
 }
 
 impl ServiceAddresses {
     pub fn build(config: &MeshConfig) -> ServiceAddresses {
         let mut by_addr = HashMap::new();
+        let mut ranges = Vec::new();
         let services = config.services();
         for entry in config.service_entries() {
-            let vips = entry
-                .spec
-                .addresses
-                .iter()
-                .filter_map(|a| a.parse::<IpAddr>().ok());
-            for vip in vips {
+            for address in &entry.spec.addresses {
+                // Validated at load: an IP address or a CIDR; a /32 (/128) is an address.
+                let net = match address.parse::<IpNet>() {
+                    Ok(net) => net.trunc(),
+                    Err(_) => match address.parse::<IpAddr>() {
+                        Ok(ip) => IpNet::from(ip),
+                        Err(_) => continue,
+                    },
+                };
                 for port in &entry.spec.ports {
                     let number = port.number.get();
                     let found = entry
@@ -94,25 +102,38 @@ impl ServiceAddresses {
                         .hosts
                         .iter()
                         .find_map(|h| services.lookup(&h.to_ascii_lowercase(), number));
-                    if let Some(sp) = found {
+                    let Some(sp) = found else { continue };
+                    if net.prefix_len() == net.max_prefix_len() {
                         by_addr
-                            .entry(SocketAddr::new(vip, number))
+                            .entry(SocketAddr::new(net.addr(), number))
                             .or_insert_with(|| sp.clone());
+                    } else {
+                        ranges.push((net, number, sp.clone()));
                     }
                 }
             }
         }
+        // Narrowest first; among equals the first loaded (a stable sort keeps load order).
+        ranges.sort_by_key(|(net, _, _)| std::cmp::Reverse(net.prefix_len()));
         for sp in services.iter() {
             for ep in &sp.endpoints {
                 by_addr.entry(ep.address).or_insert_with(|| sp.clone());
             }
         }
-        ServiceAddresses { by_addr }
+        ServiceAddresses { by_addr, ranges }
     }
 
     /// The service dialled at `addr`, if the mesh knows one.
     pub fn get(&self, addr: SocketAddr) -> Option<&Arc<ServicePort>> {
-        self.by_addr.get(&addr)
+        // An IPv4 destination seen through a dual-stack socket is `::ffff:a.b.c.d`.
+        let ip = addr.ip().to_canonical();
+        if let Some(found) = self.by_addr.get(&SocketAddr::new(ip, addr.port())) {
+            return Some(found);
+        }
+        self.ranges
+            .iter()
+            .find(|(net, port, _)| *port == addr.port() && net.contains(&ip))
+            .map(|(_, _, service)| service)
     }
 }
 
@@ -275,7 +296,7 @@ pub async fn opaque(
         // Failures are logged (naming service and endpoint) by the TCP path itself.
         // The original destination is the address the client dialled, for the TCP routes'
         // `destinationSubnets`.
-        let _ = proxy_with_local(client, remote, Some(original), service, &tcp.tcp).await;
+        let _ = proxy_captured(client, remote, original, service, &tcp.tcp).await;
         return;
     }
     if tcp.passthrough_allowed() {
@@ -286,4 +307,60 @@ pub async fn opaque(
         %original,
         "captured TCP connection refused: no service is known at its destination and outboundTrafficPolicy is REGISTRY_ONLY"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use mesh_core::config::{Source, load_sources};
+
+    use super::*;
+
+    fn entry(name: &str, addresses: &str, port: u16) -> String {
+        format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: {name} }}
+spec:
+  hosts: [{name}.example]
+  addresses: [{addresses}]
+  ports: [{{ number: {port}, name: tcp, protocol: TCP }}]
+  resolution: NONE
+"
+        )
+    }
+
+    #[test]
+    fn an_exact_address_wins_then_the_narrowest_range_on_the_port() {
+        let yaml = [
+            entry("wide", "10.0.0.0/8", 5432),
+            entry("narrow", "10.1.0.0/16", 5432),
+            entry("exact", "10.1.2.3", 5432),
+            entry("other-port", "10.0.0.0/8", 3306),
+        ]
+        .concat();
+        let config = load_sources(&[Source::new("t.yaml", yaml)]).unwrap();
+        let addresses = ServiceAddresses::build(&config);
+        let at = |addr: &str| {
+            addresses
+                .get(addr.parse().unwrap())
+                .map(|s| s.host.as_str().to_string())
+        };
+        assert_eq!(at("10.1.2.3:5432").as_deref(), Some("exact.example"));
+        assert_eq!(
+            at("[::ffff:10.1.2.3]:5432").as_deref(),
+            Some("exact.example")
+        );
+        assert_eq!(at("10.1.9.9:5432").as_deref(), Some("narrow.example"));
+        assert_eq!(at("10.200.0.1:5432").as_deref(), Some("wide.example"));
+        // An IPv4 peer seen through a dual-stack socket.
+        assert_eq!(
+            at("[::ffff:10.200.0.1]:5432").as_deref(),
+            Some("wide.example")
+        );
+        assert_eq!(at("10.200.0.1:3306").as_deref(), Some("other-port.example"));
+        assert_eq!(at("10.200.0.1:80"), None);
+        assert_eq!(at("192.168.0.1:5432"), None);
+    }
 }

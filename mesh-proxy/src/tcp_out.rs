@@ -74,7 +74,7 @@ use futures::future::BoxFuture;
 use http::{Request, Response};
 use mesh_core::body::{self, BoxBody, BoxError};
 use mesh_core::config::{MeshConfig, ServicePort};
-use mesh_core::conn::ClientInfo;
+use mesh_core::conn::{ClientInfo, OriginalDestination};
 use mesh_core::target::{RouteTarget, UpstreamTarget};
 use mesh_core::{Identity, ProxyError, ResponseFlags};
 use mesh_resilience::outlier::OutlierDetectionLayer;
@@ -184,10 +184,13 @@ impl OutboundTcp {
 
     /// Picks an endpoint of `target` and connects to it: the connection, its endpoint and
     /// what it proved.
+    /// `original`: a captured connection's original destination, where a `resolution: NONE`
+    /// target's connections go.
     async fn connect(
         &self,
         target: RouteTarget,
         client: ClientInfo,
+        original: Option<OriginalDestination>,
     ) -> Result<Connected, TcpOutError> {
         let destination = target.service.host.to_arc();
         let name = target.name.clone();
@@ -196,6 +199,9 @@ impl OutboundTcp {
         req.extensions_mut().insert(target);
         req.extensions_mut().insert(client);
         req.extensions_mut().insert(slot.clone());
+        if let Some(original) = original {
+            req.extensions_mut().insert(original);
+        }
         let response = call(&self.balanced, req)
             .await
             .map_err(|e| match ProxyError::find(&e) {
@@ -266,9 +272,39 @@ where
 /// [`CLIENT_HELLO_TIMEOUT`]), for the `tls` routes' `sniHosts`, and replayed to the endpoint;
 /// a client that sends something else is proxied as it is, matching no `tls` route.
 pub async fn proxy_with_local<C>(
+    client: C,
+    remote: SocketAddr,
+    local: Option<SocketAddr>,
+    service: Arc<ServicePort>,
+    ctx: &OutboundTcp,
+) -> Result<(), TcpOutError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    proxy_service(client, remote, local, None, service, ctx).await
+}
+
+/// [`proxy_to_service`] for a transparently captured connection to `original` (its
+/// `SO_ORIGINAL_DST`): what `tcp` routes match as the dialled address, and where a
+/// `resolution: NONE` service's connections go.
+pub async fn proxy_captured<C>(
+    client: C,
+    remote: SocketAddr,
+    original: SocketAddr,
+    service: Arc<ServicePort>,
+    ctx: &OutboundTcp,
+) -> Result<(), TcpOutError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    proxy_service(client, remote, Some(original), Some(original), service, ctx).await
+}
+
+async fn proxy_service<C>(
     mut client: C,
     remote: SocketAddr,
     local: Option<SocketAddr>,
+    original: Option<SocketAddr>,
     service: Arc<ServicePort>,
     ctx: &OutboundTcp,
 ) -> Result<(), TcpOutError>
@@ -280,9 +316,11 @@ where
         local: local.unwrap_or(remote),
         tls: false,
     };
+    let original = original.map(OriginalDestination);
     if !service.protocol.is_tls() {
         let routed = ctx.route(&service, &info, None);
-        return proxy_connection(client, info, routed, Some(service.host.to_arc()), ctx).await;
+        let dialled = Some(service.host.to_arc());
+        return proxy_connection(client, info, original, routed, dialled, ctx).await;
     }
     let mut hello = Vec::with_capacity(2048);
     let read = crate::client_hello::read_client_hello(&mut client, &mut hello);
@@ -299,7 +337,8 @@ where
     };
     let client = crate::client_hello::Rewind::new(hello, client);
     let routed = ctx.route(&service, &info, sni.as_deref());
-    proxy_connection(client, info, routed, Some(service.host.to_arc()), ctx).await
+    let dialled = Some(service.host.to_arc());
+    proxy_connection(client, info, original, routed, dialled, ctx).await
 }
 
 /// Proxies `client`, accepted from `remote` on a gateway listener bound at `local` (a
@@ -335,7 +374,7 @@ where
                 ),
             ))
         });
-    proxy_connection(client, info, routed, None, ctx).await
+    proxy_connection(client, info, None, routed, None, ctx).await
 }
 
 /// How long a client on a TLS port has to send its ClientHello before it is proxied without
@@ -347,6 +386,7 @@ pub const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 async fn proxy_connection<C>(
     client: C,
     info: ClientInfo,
+    original: Option<OriginalDestination>,
     routed: Result<RouteTarget, ProxyError>,
     dialled: Option<Arc<str>>,
     ctx: &OutboundTcp,
@@ -356,7 +396,7 @@ where
 {
     let remote = info.remote;
     let connected = match routed {
-        Ok(target) => ctx.connect(target, info).await,
+        Ok(target) => ctx.connect(target, info, original).await,
         Err(unrouted) => Err(TcpOutError::Upstream(unrouted)),
     };
     let connected = match connected {

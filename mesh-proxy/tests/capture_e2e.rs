@@ -35,6 +35,10 @@ const ECHO_VIP: &str = "10.10.0.6";
 /// A second address of the echo service, which a VirtualService `tcp` route sends to the
 /// greeter service instead (`destinationSubnets`).
 const ECHO_CANARY_VIP: &str = "10.10.0.7";
+/// The outside namespace's subnet, declared as a `resolution: NONE` ServiceEntry's
+/// `addresses` for a TCP port a greeter listens on outside.
+const OUTSIDE_RANGE: &str = "10.10.0.0/24";
+const OUTSIDE_TCP_PORT: u16 = 7001;
 /// A host outside the mesh: the far end of the veth pair, in a second namespace.
 const EXTERNAL_IP: &str = "10.10.0.2";
 
@@ -135,6 +139,26 @@ spec:
   tcp:
   - match: [{{ destinationSubnets: [{ECHO_CANARY_VIP}/32] }}]
     route: [{{ destination: {{ host: greeter }} }}]
+---
+# Outside the mesh, declared: `resolution: NONE` sends connections to where they were going.
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: outside-http, namespace: default }}
+spec:
+  hosts: [outside.example]
+  ports: [{{ number: 8080, name: http, protocol: HTTP }}]
+  resolution: NONE
+  location: MESH_EXTERNAL
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: outside-tcp, namespace: default }}
+spec:
+  hosts: [outside-tcp.example]
+  addresses: [{OUTSIDE_RANGE}]
+  ports: [{{ number: {OUTSIDE_TCP_PORT}, name: tcp, protocol: TCP }}]
+  resolution: NONE
+  location: MESH_EXTERNAL
 ",
         app.ip(),
         app.port(),
@@ -248,6 +272,18 @@ async fn captured_inside_a_network_namespace() {
             .stderr(Stdio::null())
             .spawn()
             .expect("cannot start python3's http.server outside the mesh"),
+    );
+    // And a TCP server there that greets and hangs up.
+    let greeter_outside = format!(
+        "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('{EXTERNAL_IP}', {OUTSIDE_TCP_PORT}))\ns.listen(16)\nwhile True:\n    c, _ = s.accept()\n    c.sendall(b'outside\\n')\n    c.close()\n"
+    );
+    let _external_tcp = Reaped(
+        Command::new("ip")
+            .args(["netns", "exec", &outside, "python3", "-c", &greeter_outside])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start a python3 TCP server outside the mesh"),
     );
 
     let app = App::start("reviews").await;
@@ -366,6 +402,40 @@ async fn captured_inside_a_network_namespace() {
     let resp = client.request(get(vip, "reviews:9080", "/")).await.unwrap();
     assert_eq!(resp.status(), 200, "known services still pass");
     text(resp).await;
+
+    // Outside hosts a `resolution: NONE` ServiceEntry declares pass under REGISTRY_ONLY and
+    // reach the address the client dialled: HTTP by its host...
+    let resp = client
+        .request(get(outside_addr, "outside.example:8080", "/"))
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "HTTP to a NONE service's original destination"
+    );
+    text(resp).await;
+    // ...and opaque TCP by an address in the entry's range.
+    let mut tcp = TcpStream::connect(format!("{EXTERNAL_IP}:{OUTSIDE_TCP_PORT}"))
+        .await
+        .unwrap();
+    let mut greeting = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut greeting))
+        .await
+        .expect("the outside greeter answers")
+        .unwrap();
+    assert_eq!(greeting, b"outside\n");
+    let m = metrics().await;
+    for (family, service) in [
+        ("istio_requests_total{", "outside.example"),
+        ("istio_tcp_connections_opened_total{", "outside-tcp.example"),
+    ] {
+        assert!(
+            m.lines().any(|l| l.starts_with(family)
+                && l.contains(&format!("destination_service=\"{service}\""))),
+            "{service} is counted:\n{m}"
+        );
+    }
 
     let remove = Command::new(BIN)
         .args(["iptables", "remove"])

@@ -401,3 +401,30 @@ async fn a_retry_avoids_endpoints_its_earlier_attempts_used() {
     req.extensions_mut().insert(tried);
     assert_eq!(h.send(req).await.unwrap(), first);
 }
+
+/// `resolution: NONE` (Envoy's ORIGINAL_DST cluster): no endpoint set is consulted; a
+/// captured request goes to its original destination, and one that was not captured is
+/// refused `UH`, saying why.
+#[tokio::test]
+async fn resolution_none_sends_a_request_to_its_original_destination() {
+    let h = Harness::new(endpoints(3), Backend::default());
+    let mut none = target(None, None);
+    let mut service = (*none.service).clone();
+    service.resolution = mesh_core::config::networking::Resolution::None;
+    none.service = Arc::new(service);
+
+    let original: std::net::SocketAddr = "203.0.113.7:443".parse().unwrap();
+    for _ in 0..5 {
+        let mut req = request(&none);
+        req.extensions_mut()
+            .insert(mesh_core::conn::OriginalDestination(original));
+        assert_eq!(h.send(req).await.unwrap(), original);
+    }
+
+    let err = h.send(request(&none)).await.unwrap_err();
+    let flags = ProxyError::find(&err).map(|e| e.flags());
+    assert_eq!(flags, Some(ResponseFlags::NO_HEALTHY_UPSTREAM));
+    assert!(err.to_string().contains("resolution NONE"), "{err}");
+    // No endpoint set was made for it.
+    assert!(h.layer.clusters().is_empty());
+}

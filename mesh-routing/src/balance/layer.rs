@@ -5,6 +5,8 @@ use std::task::{Context, Poll};
 use http::header::{HeaderValue, UPGRADE};
 use http::{Request, Response, Version};
 use mesh_core::body::{BoxBody, BoxError};
+use mesh_core::config::networking::Resolution;
+use mesh_core::conn::OriginalDestination;
 use mesh_core::discovery::{Discover, ServiceKey};
 use mesh_core::health::HealthRegistry;
 use mesh_core::target::{PreviousAttempts, RouteTarget, UpstreamTarget};
@@ -15,7 +17,7 @@ use super::future::{ResponseFuture, track_body};
 use super::hash_key::{RequestKey, request_key};
 use super::picker::Node;
 use super::policy::{Policy, resolve};
-use super::state::{InFlight, Registry};
+use super::state::{EndpointState, InFlight, Registry};
 use super::status::ClusterStatus;
 
 /// The balancing layer of the proxy: `RouteTarget` in, `UpstreamTarget` out.
@@ -99,6 +101,9 @@ struct Shared {
     discovery: Arc<dyn Discover>,
     sets: RwLock<Sets>,
     registry: Arc<Registry>,
+    /// The in-flight count of requests to `resolution: NONE` services, which have no
+    /// endpoint set (see [`Shared::original_destination`]).
+    original: Arc<EndpointState>,
 }
 
 impl std::fmt::Debug for BalanceLayer {
@@ -123,6 +128,11 @@ impl BalanceLayer {
                 discovery,
                 sets: RwLock::default(),
                 registry: Arc::new(Registry::new(health)),
+                original: Arc::new(EndpointState::new(
+                    tokio::time::Instant::now(),
+                    true,
+                    Arc::default(),
+                )),
             }),
         }
     }
@@ -274,6 +284,32 @@ struct Picked {
 }
 
 impl Shared {
+    /// A `resolution: NONE` service (Envoy's `ORIGINAL_DST` cluster): no endpoints to balance
+    /// over; the request goes where its connection was going before capture redirected it
+    /// (`OriginalDestination`). Without one (a client that dialled the proxy itself) there
+    /// is nowhere to send it: `UH`, saying why.
+    fn original_destination<B>(
+        &self,
+        target: &RouteTarget,
+        req: &Request<B>,
+    ) -> Result<Picked, ProxyError> {
+        let Some(OriginalDestination(addr)) = req.extensions().get::<OriginalDestination>() else {
+            return Err(ProxyError::new(
+                ResponseFlags::NO_HEALTHY_UPSTREAM,
+                format_args!(
+                    "no healthy upstream: {} has resolution NONE, which sends a connection to its original destination, and this one was not redirected to the proxy",
+                    target.name
+                ),
+            ));
+        };
+        let http2 = target.service.protocol.is_http2() || req.version() == Version::HTTP_2;
+        Ok(Picked {
+            target: UpstreamTarget::new(*addr, http2, target.name.clone()),
+            claim: InFlight::start(self.original.clone()),
+            set_cookie: None,
+        })
+    }
+
     fn pick<B>(&self, req: &Request<B>) -> Result<Picked, ProxyError> {
         let Some(target) = req.extensions().get::<RouteTarget>() else {
             return Err(ProxyError::new(
@@ -281,6 +317,9 @@ impl Shared {
                 "no cluster: the request has no route target (the balancer needs routing in front of it)",
             ));
         };
+        if target.service.resolution == Resolution::None {
+            return self.original_destination(target, req);
+        }
         let settings = target
             .traffic_policy
             .as_deref()
