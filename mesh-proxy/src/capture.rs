@@ -33,12 +33,15 @@ use mesh_core::config::MeshConfig;
 use mesh_core::config::ServicePort;
 use mesh_core::config::networking::OutboundTrafficMode;
 use mesh_core::conn::OriginalDestination;
+use mesh_core::host::wildcard_matches;
 use mesh_core::target::UpstreamTarget;
 use mesh_routing::RouteTable;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::tcp_out::{OutboundTcp, proxy_captured};
+use crate::client_hello::Rewind;
+use crate::tcp_out::{OutboundTcp, proxy_captured, proxy_captured_hello};
 use crate::upstream::{DEFAULT_CONNECT_TIMEOUT, Upstream};
 
 /// Istio's name for the cluster of traffic to destinations the mesh does not know.
@@ -78,6 +81,9 @@ pub struct ServiceAddresses {
     by_addr: HashMap<SocketAddr, Arc<ServicePort>>,
     /// `(range, port, service)`, longest prefix first.
     ranges: Vec<(IpNet, u16, Arc<ServicePort>)>,
+    /// The `TLS`/`HTTPS` service ports by port number, for a ClientHello's SNI: exact hosts
+    /// first, then wildcards, the most specific first.
+    tls: HashMap<u16, Vec<Arc<ServicePort>>>,
 }
 
 impl ServiceAddresses {
@@ -120,7 +126,36 @@ impl ServiceAddresses {
                 by_addr.entry(ep.address).or_insert_with(|| sp.clone());
             }
         }
-        ServiceAddresses { by_addr, ranges }
+        let mut tls: HashMap<u16, Vec<Arc<ServicePort>>> = HashMap::new();
+        for sp in services.iter().filter(|sp| sp.protocol.is_tls()) {
+            tls.entry(sp.number).or_default().push(sp.clone());
+        }
+        for ports in tls.values_mut() {
+            ports.sort_by_key(|sp| {
+                let host = sp.host.as_str();
+                (host.starts_with('*'), std::cmp::Reverse(host.len()))
+            });
+        }
+        ServiceAddresses {
+            by_addr,
+            ranges,
+            tls,
+        }
+    }
+
+    /// Whether some `TLS`/`HTTPS` service has port `port`: whether a ClientHello's SNI on a
+    /// connection to that port is worth reading.
+    pub fn has_tls_port(&self, port: u16) -> bool {
+        self.tls.contains_key(&port)
+    }
+
+    /// The `TLS`/`HTTPS` service on `port` whose host names `sni` (exact, else the most
+    /// specific wildcard): Envoy's SNI filter chain match on a sidecar's port listener.
+    pub fn by_sni(&self, sni: &str, port: u16) -> Option<&Arc<ServicePort>> {
+        self.tls
+            .get(&port)?
+            .iter()
+            .find(|sp| wildcard_matches(sp.host.as_str(), sni))
     }
 
     /// The service dialled at `addr`, if the mesh knows one.
@@ -245,16 +280,20 @@ impl CapturedTcp {
 
     /// The service dialled at `addr` in the config in force.
     pub fn service_at(&self, addr: SocketAddr) -> Option<Arc<ServicePort>> {
+        self.addresses().1.get(addr).cloned()
+    }
+
+    /// The [`ServiceAddresses`] of the config in force.
+    fn addresses(&self) -> Arc<(Arc<MeshConfig>, ServiceAddresses)> {
         let config = self.config.load_full();
-        let current = self.addresses.load();
+        let current = self.addresses.load_full();
         if Arc::ptr_eq(&current.0, &config) {
-            return current.1.get(addr).cloned();
+            return current;
         }
         // A reload swapped the config: index the new one (once; racing builders agree).
-        let rebuilt = ServiceAddresses::build(&config);
-        let found = rebuilt.get(addr).cloned();
-        self.addresses.store(Arc::new((config, rebuilt)));
-        found
+        let rebuilt = Arc::new((config.clone(), ServiceAddresses::build(&config)));
+        self.addresses.store(rebuilt.clone());
+        rebuilt
     }
 
     /// Whether opaque TCP to `addr`, a destination no service claims, may pass.
@@ -265,7 +304,10 @@ impl CapturedTcp {
 
 /// Opaque TCP straight to `original`: Istio's `PassthroughCluster` for a destination the mesh
 /// does not know, under `ALLOW_ANY`.
-pub async fn passthrough(client: TcpStream, remote: SocketAddr, original: SocketAddr) {
+pub async fn passthrough<C>(client: C, remote: SocketAddr, original: SocketAddr)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
     let upstream = match tokio::time::timeout(DEFAULT_CONNECT_TIMEOUT, TcpStream::connect(original))
         .await
     {
@@ -283,22 +325,52 @@ pub async fn passthrough(client: TcpStream, remote: SocketAddr, original: Socket
     crate::tcp::copy(client, upstream, remote).await;
 }
 
-/// Opaque TCP on a captured connection to `original`: to the service dialled, when the mesh
-/// knows one; else straight through under `ALLOW_ANY`, closed under `REGISTRY_ONLY`.
+/// Opaque TCP on a captured connection to `original` (`tls`: it opened with a TLS record):
+/// to the service dialled, when the mesh knows one by address; else, for TLS to a port some
+/// `TLS`/`HTTPS` service has, to the service its ClientHello's SNI names (as Envoy's sidecar
+/// matches SNI on a port listener: `*.wikipedia.org` on 443 with `resolution: NONE`); else
+/// straight through under `ALLOW_ANY`, closed under `REGISTRY_ONLY`.
 pub async fn opaque(
-    client: TcpStream,
+    mut client: TcpStream,
     remote: SocketAddr,
     original: SocketAddr,
+    tls: bool,
     tcp: &CapturedTcp,
 ) {
+    // Failures are logged (naming service and endpoint) by the TCP path itself. The
+    // original destination is the address the client dialled, for the TCP routes'
+    // `destinationSubnets`, and where `resolution: NONE` services' connections go.
     if let Some(service) = tcp.service_at(original) {
         tracing::trace!(%remote, %original, service = %service.host, "captured TCP to a mesh service");
-        // Failures are logged (naming service and endpoint) by the TCP path itself.
-        // The original destination is the address the client dialled, for the TCP routes'
-        // `destinationSubnets`.
         let _ = proxy_captured(client, remote, original, service, &tcp.tcp).await;
         return;
     }
+    let addresses = tcp.addresses();
+    if !(tls && addresses.1.has_tls_port(original.port())) {
+        return unknown(client, remote, original, tcp).await;
+    }
+    let hello = crate::tcp_out::read_sni(&mut client, remote).await;
+    let service = hello
+        .sni
+        .as_deref()
+        .and_then(|sni| addresses.1.by_sni(sni, original.port()))
+        .cloned();
+    drop(addresses);
+    match service {
+        Some(service) => {
+            tracing::trace!(%remote, %original, service = %service.host, "captured TLS to a service by SNI");
+            let _ = proxy_captured_hello(client, hello, remote, original, service, &tcp.tcp).await;
+        }
+        None => unknown(Rewind::new(hello.bytes, client), remote, original, tcp).await,
+    }
+}
+
+/// A captured connection the mesh knows no service for: straight through under
+/// `ALLOW_ANY`, closed under `REGISTRY_ONLY`.
+async fn unknown<C>(client: C, remote: SocketAddr, original: SocketAddr, tcp: &CapturedTcp)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
     if tcp.passthrough_allowed() {
         return passthrough(client, remote, original).await;
     }
@@ -362,5 +434,51 @@ spec:
         assert_eq!(at("10.200.0.1:3306").as_deref(), Some("other-port.example"));
         assert_eq!(at("10.200.0.1:80"), None);
         assert_eq!(at("192.168.0.1:5432"), None);
+    }
+
+    #[test]
+    fn an_sni_finds_the_exact_host_then_the_most_specific_wildcard_on_the_port() {
+        let tls = |name: &str, host: &str, port: u16| {
+            format!(
+                "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: {name} }}
+spec:
+  hosts: [\"{host}\"]
+  ports: [{{ number: {port}, name: tls, protocol: TLS }}]
+  resolution: NONE
+"
+            )
+        };
+        let yaml = [
+            tls("any", "*.org", 443),
+            tls("wiki", "*.wikipedia.org", 443),
+            tls("en", "en.wikipedia.org", 443),
+            tls("alt", "*.wikipedia.org", 8443),
+        ]
+        .concat();
+        let config = load_sources(&[Source::new("t.yaml", yaml)]).unwrap();
+        let addresses = ServiceAddresses::build(&config);
+        let by = |sni: &str, port: u16| {
+            addresses
+                .by_sni(sni, port)
+                .map(|s| s.host.as_str().to_string())
+        };
+        assert!(addresses.has_tls_port(443) && !addresses.has_tls_port(80));
+        assert_eq!(
+            by("en.wikipedia.org", 443).as_deref(),
+            Some("en.wikipedia.org")
+        );
+        assert_eq!(
+            by("de.wikipedia.org", 443).as_deref(),
+            Some("*.wikipedia.org")
+        );
+        assert_eq!(by("example.org", 443).as_deref(), Some("*.org"));
+        assert_eq!(
+            by("en.wikipedia.org", 8443).as_deref(),
+            Some("*.wikipedia.org")
+        );
+        assert_eq!(by("example.com", 443), None);
     }
 }

@@ -344,7 +344,10 @@ impl Connection {
             Ok(crate::detect::Protocol::Http) => {
                 self.serve_http(stream, None, Some(original)).await
             }
-            Ok(_) => crate::capture::opaque(stream, self.remote, original, &tcp).await,
+            Ok(protocol) => {
+                let tls = protocol == crate::detect::Protocol::Tls;
+                crate::capture::opaque(stream, self.remote, original, tls, &tcp).await
+            }
             Err(e) => {
                 tracing::debug!(remote = %self.remote, error = %e, "captured connection failed before its first bytes");
             }

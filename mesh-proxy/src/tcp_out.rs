@@ -89,6 +89,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt};
 
+use crate::client_hello::Rewind;
 use crate::upstream::{self, DEFAULT_CONNECT_TIMEOUT, SecurityKind, SecurityPlan};
 
 /// Istio's default `connectionPool.tcp.idleTimeout` for TCP proxying.
@@ -300,6 +301,31 @@ where
     proxy_service(client, remote, Some(original), Some(original), service, ctx).await
 }
 
+/// [`proxy_captured`] for a connection whose ClientHello was already read (`hello`): the
+/// capture path reads it to find the service by SNI.
+pub(crate) async fn proxy_captured_hello<C>(
+    client: C,
+    hello: ClientHelloRead,
+    remote: SocketAddr,
+    original: SocketAddr,
+    service: Arc<ServicePort>,
+    ctx: &OutboundTcp,
+) -> Result<(), TcpOutError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let info = ClientInfo {
+        remote,
+        local: original,
+        tls: false,
+    };
+    let original = Some(OriginalDestination(original));
+    let routed = ctx.route(&service, &info, hello.sni.as_deref());
+    let dialled = Some(service.host.to_arc());
+    let client = Rewind::new(hello.bytes, client);
+    proxy_connection(client, info, original, routed, dialled, ctx).await
+}
+
 async fn proxy_service<C>(
     mut client: C,
     remote: SocketAddr,
@@ -317,28 +343,46 @@ where
         tls: false,
     };
     let original = original.map(OriginalDestination);
+    let dialled = Some(service.host.to_arc());
     if !service.protocol.is_tls() {
         let routed = ctx.route(&service, &info, None);
-        let dialled = Some(service.host.to_arc());
         return proxy_connection(client, info, original, routed, dialled, ctx).await;
     }
-    let mut hello = Vec::with_capacity(2048);
-    let read = crate::client_hello::read_client_hello(&mut client, &mut hello);
+    let hello = read_sni(&mut client, remote).await;
+    let routed = ctx.route(&service, &info, hello.sni.as_deref());
+    let client = Rewind::new(hello.bytes, client);
+    proxy_connection(client, info, original, routed, dialled, ctx).await
+}
+
+/// What was read of a client's first flight on a TLS port.
+pub(crate) struct ClientHelloRead {
+    /// Every byte read, to replay.
+    pub(crate) bytes: Vec<u8>,
+    /// The ClientHello's server name; `None` without one, or when the bytes are not a
+    /// ClientHello or it did not come within [`CLIENT_HELLO_TIMEOUT`].
+    pub(crate) sni: Option<String>,
+}
+
+/// Reads `client`'s ClientHello (up to [`CLIENT_HELLO_TIMEOUT`]) for its SNI. A client that
+/// sends something else, or nothing, is proxied as it is, matching no `tls` route.
+pub(crate) async fn read_sni<C>(client: &mut C, remote: SocketAddr) -> ClientHelloRead
+where
+    C: AsyncRead + Unpin,
+{
+    let mut bytes = Vec::with_capacity(2048);
+    let read = crate::client_hello::read_client_hello(client, &mut bytes);
     let sni = match tokio::time::timeout(CLIENT_HELLO_TIMEOUT, read).await {
         Ok(Ok(sni)) => sni,
         Ok(Err(e)) => {
-            tracing::debug!(%remote, service = %service.host, error = %e, "TLS port without a ClientHello: proxied without SNI");
+            tracing::debug!(%remote, error = %e, "TLS port without a ClientHello: proxied without SNI");
             None
         }
         Err(_) => {
-            tracing::debug!(%remote, service = %service.host, "no ClientHello within {CLIENT_HELLO_TIMEOUT:?}: proxied without SNI");
+            tracing::debug!(%remote, "no ClientHello within {CLIENT_HELLO_TIMEOUT:?}: proxied without SNI");
             None
         }
     };
-    let client = crate::client_hello::Rewind::new(hello, client);
-    let routed = ctx.route(&service, &info, sni.as_deref());
-    let dialled = Some(service.host.to_arc());
-    proxy_connection(client, info, original, routed, dialled, ctx).await
+    ClientHelloRead { bytes, sni }
 }
 
 /// Proxies `client`, accepted from `remote` on a gateway listener bound at `local` (a

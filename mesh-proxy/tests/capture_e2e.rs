@@ -39,6 +39,9 @@ const ECHO_CANARY_VIP: &str = "10.10.0.7";
 /// `addresses` for a TCP port a greeter listens on outside.
 const OUTSIDE_RANGE: &str = "10.10.0.0/24";
 const OUTSIDE_TCP_PORT: u16 = 7001;
+/// A TLS port outside, declared by a `resolution: NONE` ServiceEntry for `*.outside.example`
+/// (no addresses: the ClientHello's SNI finds it).
+const OUTSIDE_TLS_PORT: u16 = 8443;
 /// A host outside the mesh: the far end of the veth pair, in a second namespace.
 const EXTERNAL_IP: &str = "10.10.0.2";
 
@@ -159,6 +162,15 @@ spec:
   ports: [{{ number: {OUTSIDE_TCP_PORT}, name: tcp, protocol: TCP }}]
   resolution: NONE
   location: MESH_EXTERNAL
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: outside-tls, namespace: default }}
+spec:
+  hosts: [\"*.outside.example\"]
+  ports: [{{ number: {OUTSIDE_TLS_PORT}, name: tls, protocol: TLS }}]
+  resolution: NONE
+  location: MESH_EXTERNAL
 ",
         app.ip(),
         app.port(),
@@ -273,18 +285,23 @@ async fn captured_inside_a_network_namespace() {
             .spawn()
             .expect("cannot start python3's http.server outside the mesh"),
     );
-    // And a TCP server there that greets and hangs up.
-    let greeter_outside = format!(
-        "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('{EXTERNAL_IP}', {OUTSIDE_TCP_PORT}))\ns.listen(16)\nwhile True:\n    c, _ = s.accept()\n    c.sendall(b'outside\\n')\n    c.close()\n"
-    );
-    let _external_tcp = Reaped(
-        Command::new("ip")
-            .args(["netns", "exec", &outside, "python3", "-c", &greeter_outside])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start a python3 TCP server outside the mesh"),
-    );
+    // And TCP servers there that greet and hang up (on the TLS port too: SNI routing needs
+    // only the ClientHello, not a handshake).
+    let greeter_outside = |port: u16| {
+        let script = format!(
+            "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('{EXTERNAL_IP}', {port}))\ns.listen(16)\nwhile True:\n    c, _ = s.accept()\n    c.sendall(b'outside\\n')\n    c.close()\n"
+        );
+        Reaped(
+            Command::new("ip")
+                .args(["netns", "exec", &outside, "python3", "-c", &script])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("cannot start a python3 TCP server outside the mesh"),
+        )
+    };
+    let _external_tcp = greeter_outside(OUTSIDE_TCP_PORT);
+    let _external_tls = greeter_outside(OUTSIDE_TLS_PORT);
 
     let app = App::start("reviews").await;
     let echo = echo_server().await;
@@ -425,10 +442,27 @@ async fn captured_inside_a_network_namespace() {
         .expect("the outside greeter answers")
         .unwrap();
     assert_eq!(greeting, b"outside\n");
+    // ...and TLS by its ClientHello's SNI, to the address dialled; an SNI nothing declares
+    // is refused like any unknown destination.
+    let outside_tls = format!("{EXTERNAL_IP}:{OUTSIDE_TLS_PORT}");
+    for (sni, expected) in [
+        ("api.outside.example", &b"outside\n"[..]),
+        ("other.example", &b""[..]),
+    ] {
+        let mut tls = TcpStream::connect(&outside_tls).await.unwrap();
+        tls.write_all(&support::tcp::client_hello(sni))
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer));
+        read.await.expect("answered or closed").unwrap_or_default();
+        assert_eq!(answer, expected, "SNI {sni}");
+    }
     let m = metrics().await;
     for (family, service) in [
         ("istio_requests_total{", "outside.example"),
         ("istio_tcp_connections_opened_total{", "outside-tcp.example"),
+        ("istio_tcp_connections_opened_total{", "*.outside.example"),
     ] {
         assert!(
             m.lines().any(|l| l.starts_with(family)

@@ -15,7 +15,9 @@ use mesh_proxy::sidecar_listeners::SidecarError;
 use mesh_proxy::{RunningProxy, StartError};
 use support::app::App;
 use support::pki::{Pki, STRICT, sidecar};
-use support::tcp::{closed_port, echo_server, free_ports, speaks_first, two_versions};
+use support::tcp::{
+    client_hello, closed_port, echo_server, free_ports, speaks_first, two_versions,
+};
 use support::{bootstrap, get, http1_client, load, text, wait_ready};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -747,20 +749,6 @@ async fn a_tcp_route_shifts_connections_between_subsets_by_weight() {
         .unwrap();
     assert_eq!(&echoed, b"still here");
     client.shutdown().await;
-}
-
-/// The first flight of a TLS client for `sni`, as rustls writes it.
-fn client_hello(sni: &str) -> Vec<u8> {
-    let config = rustls::ClientConfig::builder_with_provider(mesh_tls::verify::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    let mut out = Vec::new();
-    conn.write_tls(&mut out).unwrap();
-    out
 }
 
 /// VirtualService `tls` routes on a sidecar: on a `TLS` port the proxy reads the

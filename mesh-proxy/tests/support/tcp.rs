@@ -95,3 +95,18 @@ spec:
         v2.port()
     )
 }
+
+/// The first flight of a TLS client for `sni`, as rustls writes it: what a proxy reading
+/// SNI sees, for a backend that need not speak TLS.
+pub fn client_hello(sni: &str) -> Vec<u8> {
+    let config = rustls::ClientConfig::builder_with_provider(mesh_tls::verify::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
