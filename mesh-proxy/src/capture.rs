@@ -388,16 +388,18 @@ mod tests {
 
     use super::*;
 
-    fn entry(name: &str, addresses: &str, port: u16) -> String {
+    /// A `resolution: NONE` ServiceEntry `name` for `host` on `port` (`protocol`), with
+    /// `addresses` (a YAML list's items, maybe none).
+    fn entry(name: &str, host: &str, addresses: &str, port: u16, protocol: &str) -> String {
         format!(
             "---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {{ name: {name} }}
 spec:
-  hosts: [{name}.example]
+  hosts: [\"{host}\"]
   addresses: [{addresses}]
-  ports: [{{ number: {port}, name: tcp, protocol: TCP }}]
+  ports: [{{ number: {port}, name: p, protocol: {protocol} }}]
   resolution: NONE
 "
         )
@@ -406,10 +408,16 @@ spec:
     #[test]
     fn an_exact_address_wins_then_the_narrowest_range_on_the_port() {
         let yaml = [
-            entry("wide", "10.0.0.0/8", 5432),
-            entry("narrow", "10.1.0.0/16", 5432),
-            entry("exact", "10.1.2.3", 5432),
-            entry("other-port", "10.0.0.0/8", 3306),
+            entry("wide", "wide.example", "10.0.0.0/8", 5432, "TCP"),
+            entry("narrow", "narrow.example", "10.1.0.0/16", 5432, "TCP"),
+            entry("exact", "exact.example", "10.1.2.3", 5432, "TCP"),
+            entry(
+                "other-port",
+                "other-port.example",
+                "10.0.0.0/8",
+                3306,
+                "TCP",
+            ),
         ]
         .concat();
         let config = load_sources(&[Source::new("t.yaml", yaml)]).unwrap();
@@ -438,24 +446,11 @@ spec:
 
     #[test]
     fn an_sni_finds_the_exact_host_then_the_most_specific_wildcard_on_the_port() {
-        let tls = |name: &str, host: &str, port: u16| {
-            format!(
-                "---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{ name: {name} }}
-spec:
-  hosts: [\"{host}\"]
-  ports: [{{ number: {port}, name: tls, protocol: TLS }}]
-  resolution: NONE
-"
-            )
-        };
         let yaml = [
-            tls("any", "*.org", 443),
-            tls("wiki", "*.wikipedia.org", 443),
-            tls("en", "en.wikipedia.org", 443),
-            tls("alt", "*.wikipedia.org", 8443),
+            entry("any", "*.org", "", 443, "TLS"),
+            entry("wiki", "*.wikipedia.org", "", 443, "TLS"),
+            entry("en", "en.wikipedia.org", "", 443, "TLS"),
+            entry("alt", "*.wikipedia.org", "", 8443, "TLS"),
         ]
         .concat();
         let config = load_sources(&[Source::new("t.yaml", yaml)]).unwrap();

@@ -282,7 +282,7 @@ pub async fn proxy_with_local<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    proxy_service(client, remote, local, None, service, ctx).await
+    proxy_service(client, remote, local, None, None, service, ctx).await
 }
 
 /// [`proxy_to_service`] for a transparently captured connection to `original` (its
@@ -298,7 +298,8 @@ pub async fn proxy_captured<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    proxy_service(client, remote, Some(original), Some(original), service, ctx).await
+    let (local, original) = (Some(original), Some(original));
+    proxy_service(client, remote, local, original, None, service, ctx).await
 }
 
 /// [`proxy_captured`] for a connection whose ClientHello was already read (`hello`): the
@@ -314,23 +315,18 @@ pub(crate) async fn proxy_captured_hello<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let info = ClientInfo {
-        remote,
-        local: original,
-        tls: false,
-    };
-    let original = Some(OriginalDestination(original));
-    let routed = ctx.route(&service, &info, hello.sni.as_deref());
-    let dialled = Some(service.host.to_arc());
-    let client = Rewind::new(hello.bytes, client);
-    proxy_connection(client, info, original, routed, dialled, ctx).await
+    let (local, original) = (Some(original), Some(original));
+    proxy_service(client, remote, local, original, Some(hello), service, ctx).await
 }
 
+/// Proxies `client` to `service`: on a TLS port after reading its ClientHello (unless the
+/// caller did, `hello`), for the `tls` routes.
 async fn proxy_service<C>(
     mut client: C,
     remote: SocketAddr,
     local: Option<SocketAddr>,
     original: Option<SocketAddr>,
+    hello: Option<ClientHelloRead>,
     service: Arc<ServicePort>,
     ctx: &OutboundTcp,
 ) -> Result<(), TcpOutError>
@@ -344,11 +340,14 @@ where
     };
     let original = original.map(OriginalDestination);
     let dialled = Some(service.host.to_arc());
-    if !service.protocol.is_tls() {
-        let routed = ctx.route(&service, &info, None);
-        return proxy_connection(client, info, original, routed, dialled, ctx).await;
-    }
-    let hello = read_sni(&mut client, remote).await;
+    let hello = match hello {
+        Some(hello) => hello,
+        None if service.protocol.is_tls() => read_sni(&mut client, remote).await,
+        None => {
+            let routed = ctx.route(&service, &info, None);
+            return proxy_connection(client, info, original, routed, dialled, ctx).await;
+        }
+    };
     let routed = ctx.route(&service, &info, hello.sni.as_deref());
     let client = Rewind::new(hello.bytes, client);
     proxy_connection(client, info, original, routed, dialled, ctx).await
