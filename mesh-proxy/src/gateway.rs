@@ -905,9 +905,10 @@ spec:
         assert_eq!(listeners[0].addr(), "0.0.0.0:8080".parse().unwrap());
     }
 
-    #[test]
-    fn servers_group_by_bind_and_port_and_a_mix_is_refused() {
-        let config = load(&format!(
+    /// A config with the gateway's Bootstrap and a Gateway `public` selecting it, with
+    /// `servers` (YAML list items).
+    fn public(servers: &str) -> MeshConfig {
+        load(&format!(
             "{BOOTSTRAP}---
 apiVersion: networking.istio.io/v1
 kind: Gateway
@@ -915,46 +916,39 @@ metadata: {{ name: public }}
 spec:
   selector: {{ app: gw }}
   servers:
-  - {{ port: {{ number: 8080, name: a, protocol: HTTP }}, hosts: [a.example.com] }}
-  - {{ port: {{ number: 8080, name: b, protocol: HTTP }}, hosts: [b.example.com] }}
-  - {{ port: {{ number: 8080, name: c, protocol: HTTP }}, bind: 127.0.0.1, hosts: ['*'] }}
-"
-        ));
+{servers}"
+        ))
+    }
+
+    #[test]
+    fn servers_group_by_bind_and_port_and_a_mix_is_refused() {
+        let config = public(
+            "  - { port: { number: 8080, name: a, protocol: HTTP }, hosts: [a.example.com] }
+  - { port: { number: 8080, name: b, protocol: HTTP }, hosts: [b.example.com] }
+  - { port: { number: 8080, name: c, protocol: HTTP }, bind: 127.0.0.1, hosts: ['*'] }
+",
+        );
         let listeners = plan(&config).unwrap();
         let addrs: Vec<_> = listeners.iter().map(|l| l.addr().to_string()).collect();
         assert_eq!(addrs, ["0.0.0.0:8080", "127.0.0.1:8080"]);
 
-        let mixed = load(&format!(
-            "{BOOTSTRAP}---
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{ name: public }}
-spec:
-  selector: {{ app: gw }}
-  servers:
-  - {{ port: {{ number: 8443, name: a, protocol: HTTP }}, hosts: [a.example.com] }}
-  - port: {{ number: 8443, name: b, protocol: TLS }}
+        let mixed = public(
+            "  - { port: { number: 8443, name: a, protocol: HTTP }, hosts: [a.example.com] }
+  - port: { number: 8443, name: b, protocol: TLS }
     hosts: [b.example.com]
-    tls: {{ mode: PASSTHROUGH }}
-"
-        ));
+    tls: { mode: PASSTHROUGH }
+",
+        );
         let err = plan(&mixed).unwrap_err().to_string();
         assert!(err.contains("0.0.0.0:8443"), "{err}");
         assert!(err.contains("default/public"), "{err}");
 
-        let tcp_and_http = load(&format!(
-            "{BOOTSTRAP}---
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{ name: public }}
-spec:
-  selector: {{ app: gw }}
-  servers:
-  - {{ port: {{ number: 31400, name: tcp, protocol: TCP }}, hosts: ['*'] }}
-  - {{ port: {{ number: 31400, name: http, protocol: HTTP }}, hosts: ['*'] }}
-  - {{ port: {{ number: 31401, name: mongo, protocol: MONGO }}, hosts: ['*'] }}
-"
-        ));
+        let tcp_and_http = public(
+            "  - { port: { number: 31400, name: tcp, protocol: TCP }, hosts: ['*'] }
+  - { port: { number: 31400, name: http, protocol: HTTP }, hosts: ['*'] }
+  - { port: { number: 31401, name: mongo, protocol: MONGO }, hosts: ['*'] }
+",
+        );
         let err = plan(&tcp_and_http).unwrap_err().to_string();
         assert!(
             err.contains("0.0.0.0:31400") && err.contains("TCP servers cannot share a port"),
@@ -964,19 +958,12 @@ spec:
 
     #[test]
     fn a_missing_certificate_names_the_gateway_server_and_file() {
-        let config = load(&format!(
-            "{BOOTSTRAP}---
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{ name: public }}
-spec:
-  selector: {{ app: gw }}
-  servers:
-  - port: {{ number: 443, name: https, protocol: HTTPS }}
+        let config = public(
+            "  - port: { number: 443, name: https, protocol: HTTPS }
     hosts: [a.example.com]
-    tls: {{ mode: SIMPLE, credentialName: /nonexistent/creds }}
-"
-        ));
+    tls: { mode: SIMPLE, credentialName: /nonexistent/creds }
+",
+        );
         let err = plan(&config).unwrap_err().to_string();
         assert!(
             err.contains("Gateway default/public server 0 (port 443)"),
