@@ -62,14 +62,18 @@ pub fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
     (original != local).then_some(original)
 }
 
-/// The Bootstrap's `outboundTrafficPolicy.mode` of `config` (`ALLOW_ANY` without a
-/// Bootstrap, as Istio's default).
+/// The outbound traffic policy mode in force for the proxy `config` describes: its Istio
+/// `Sidecar`'s `outboundTrafficPolicy` when one sets it (the workload's, its namespace's or
+/// the root namespace's, in that order), else the Bootstrap's, else Istio's default
+/// `ALLOW_ANY`. Worked out once per config, with the route table, which carries it.
 pub fn outbound_mode(config: &MeshConfig) -> OutboundTrafficMode {
-    config
-        .bootstrap()
-        .map_or(OutboundTrafficMode::AllowAny, |b| {
-            b.spec.outbound_traffic_policy.mode
-        })
+    crate::sidecar_listeners::outbound_traffic_mode(config).unwrap_or_else(|| {
+        config
+            .bootstrap()
+            .map_or(OutboundTrafficMode::AllowAny, |b| {
+                b.spec.outbound_traffic_policy.mode
+            })
+    })
 }
 
 /// The services a captured connection may be addressed to, by the address it was dialled
@@ -296,9 +300,10 @@ impl CapturedTcp {
         rebuilt
     }
 
-    /// Whether opaque TCP to `addr`, a destination no service claims, may pass.
+    /// Whether opaque TCP to `addr`, a destination no service claims, may pass: the mode
+    /// the route table of the config in force carries (see [`outbound_mode`]).
     pub fn passthrough_allowed(&self) -> bool {
-        outbound_mode(&self.config.load()) == OutboundTrafficMode::AllowAny
+        self.tcp.outbound_mode() == OutboundTrafficMode::AllowAny
     }
 }
 

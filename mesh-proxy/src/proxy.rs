@@ -750,7 +750,8 @@ fn build_security(config: &MeshConfig) -> (PeerAuthenticationPolicy, Authorizati
 fn build_routes(config: &MeshConfig) -> RouteTable {
     let mut source = SourceContext::from_config(config);
     source.gateways = crate::gateway::gateway_names(config);
-    let table = RouteTable::build(config, &source);
+    let table = RouteTable::build(config, &source)
+        .with_outbound_mode(crate::capture::outbound_mode(config));
     for warning in table.warnings() {
         tracing::warn!("{warning}");
     }

@@ -35,9 +35,15 @@
 //! `GRPC-Web`), the opaque-TCP inbound path (`crate::tcp`) for every other protocol.
 //!
 //! Unix domain sockets (`unix://` binds and endpoints) are not supported: such an entry fails
-//! the start, naming it, rather than being silently left out. Egress entries without a port
-//! (the scope of the catch-all listener) and the Sidecar's `outboundTrafficPolicy` and
-//! `inboundConnectionPool` are not applied.
+//! the start, naming it, rather than being silently left out.
+//!
+//! **Outbound traffic policy.** A Sidecar's `outboundTrafficPolicy.mode` overrides the
+//! Bootstrap's for this proxy ([`outbound_traffic_mode`]): the first one set along Istio's
+//! inheritance, the workload's Sidecar, its namespace's, the root namespace's. Its
+//! `egressProxy` is not applied.
+//!
+//! Egress entries without a port (the scope of the catch-all listener: which services the
+//! proxy sees) and `inboundConnectionPool` are not applied.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -46,7 +52,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use mesh_core::Identity;
 use mesh_core::config::bootstrap::RateLimitSettings;
-use mesh_core::config::networking::{CaptureMode, EgressListener, IngressListener};
+use mesh_core::config::networking::{
+    CaptureMode, EgressListener, IngressListener, OutboundTrafficMode,
+};
 use mesh_core::config::{MeshConfig, Protocol, ServicePort, Sidecar};
 use mesh_core::host::{HostName, wildcard_matches};
 use mesh_tls::acceptor::MtlsAcceptor;
@@ -85,6 +93,36 @@ pub enum SidecarError {
 
 /// The Sidecar resource that applies to the proxy `config`'s Bootstrap describes, if any.
 pub fn select(config: &MeshConfig) -> Option<&Sidecar> {
+    let chosen = levels(config)?.into_iter().find(|c| !c.is_empty())?;
+    if chosen.len() > 1 {
+        let ignored: Vec<String> = chosen[1..]
+            .iter()
+            .map(|sc| format!("{}/{}", sc.namespace(), sc.name()))
+            .collect();
+        tracing::warn!(
+            sidecar = %format!("{}/{}", chosen[0].namespace(), chosen[0].name()),
+            ?ignored,
+            "several Sidecars apply to this workload; using the first loaded"
+        );
+    }
+    chosen.first().copied()
+}
+
+/// The outbound traffic policy mode the Sidecars give this proxy, if one does: the first
+/// `outboundTrafficPolicy` set along Istio's inheritance, the workload's Sidecar, then its
+/// namespace's, then the root namespace's. `None`: the mesh default (the Bootstrap's) applies.
+pub fn outbound_traffic_mode(config: &MeshConfig) -> Option<OutboundTrafficMode> {
+    levels(config)?
+        .into_iter()
+        .flatten()
+        .find_map(|sc| sc.spec.outbound_traffic_policy.as_ref())
+        .map(|p| p.mode)
+}
+
+/// The Sidecars that could apply to the proxy, most specific level first (each in load
+/// order): those in its namespace selecting its labels, its namespace's selector-less ones,
+/// the root namespace's selector-less ones.
+fn levels(config: &MeshConfig) -> Option<[Vec<&Sidecar>; 3]> {
     let bootstrap = config.bootstrap()?;
     let namespace = bootstrap.namespace();
     let labels = &bootstrap.spec.workload.labels;
@@ -112,24 +150,11 @@ pub fn select(config: &MeshConfig) -> Option<&Sidecar> {
             .filter(|sc| sc.namespace() == ns && !has_selector(sc))
             .collect()
     };
-    let candidates = [
+    Some([
         selecting,
         namespace_wide(namespace),
         namespace_wide(DEFAULT_ROOT_NAMESPACE),
-    ];
-    let chosen = candidates.into_iter().find(|c| !c.is_empty())?;
-    if chosen.len() > 1 {
-        let ignored: Vec<String> = chosen[1..]
-            .iter()
-            .map(|sc| format!("{}/{}", sc.namespace(), sc.name()))
-            .collect();
-        tracing::warn!(
-            sidecar = %format!("{}/{}", chosen[0].namespace(), chosen[0].name()),
-            ?ignored,
-            "several Sidecars apply to this workload; using the first loaded"
-        );
-    }
-    chosen.first().copied()
+    ])
 }
 
 /// One listener of the Sidecar, bound.

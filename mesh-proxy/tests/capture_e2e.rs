@@ -489,9 +489,35 @@ async fn captured_inside_a_network_namespace() {
 #[tokio::test]
 async fn an_unknown_host_by_host_header_is_404_or_502_by_outbound_traffic_policy() {
     let app = App::start("reviews").await;
-    for (mode, status) in [("ALLOW_ANY", 404), ("REGISTRY_ONLY", 502)] {
+    // An Istio Sidecar's `outboundTrafficPolicy` overrides the mesh's (the Bootstrap's): the
+    // namespace's selector-less one, or the workload's own before it.
+    let sidecar = |selector: &str, mode: &str| {
+        format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{ name: scope{}, namespace: default }}
+spec:
+{selector}  outboundTrafficPolicy: {{ mode: {mode} }}
+",
+            selector.len()
+        )
+    };
+    let workload = "  workloadSelector: { labels: { app: client } }\n";
+    let cases = [
+        ("ALLOW_ANY", String::new(), 404),
+        ("REGISTRY_ONLY", String::new(), 502),
+        ("ALLOW_ANY", sidecar("", "REGISTRY_ONLY"), 502),
+        (
+            "ALLOW_ANY",
+            sidecar("", "REGISTRY_ONLY") + &sidecar(workload, "ALLOW_ANY"),
+            404,
+        ),
+    ];
+    let runs = cases.len();
+    for (mode, sidecars, status) in cases {
         let yaml = format!(
-            "{}  outboundTrafficPolicy: {{ mode: {mode} }}\n{}",
+            "{}  outboundTrafficPolicy: {{ mode: {mode} }}\n{}{sidecars}",
             support::bootstrap("client", None),
             support::service_entry("reviews", 9080, "HTTP", &[app.addr])
         );
@@ -502,7 +528,7 @@ async fn an_unknown_host_by_host_header_is_404_or_502_by_outbound_traffic_policy
             .request(get(outbound, "unknown.example.com", "/"))
             .await
             .unwrap();
-        assert_eq!(resp.status(), status, "{mode}");
+        assert_eq!(resp.status(), status, "{mode} {sidecars}");
         assert_eq!(resp.headers()["x-mesh-response-flags"], "NR", "{mode}");
         let body = text(resp).await;
         assert!(body.contains("unknown.example.com"), "{mode}: {body}");
@@ -516,7 +542,7 @@ async fn an_unknown_host_by_host_header_is_404_or_502_by_outbound_traffic_policy
     }
     assert_eq!(
         app.received.load(std::sync::atomic::Ordering::SeqCst),
-        2,
+        runs,
         "only the known host's requests reached an app"
     );
 }

@@ -232,9 +232,17 @@ impl RouteTable {
         table
     }
 
-    /// The Bootstrap's `outboundTrafficPolicy.mode` (Istio's default `ALLOW_ANY` without one).
+    /// The Bootstrap's `outboundTrafficPolicy.mode` (Istio's default `ALLOW_ANY` without one),
+    /// or the one given to [`with_outbound_mode`](Self::with_outbound_mode).
     pub fn outbound_mode(&self) -> OutboundTrafficMode {
         self.outbound_mode
+    }
+
+    /// The table with another outbound traffic policy mode: a proxy whose Istio `Sidecar`
+    /// sets `outboundTrafficPolicy` overrides the mesh-wide one with it.
+    pub fn with_outbound_mode(mut self, mode: OutboundTrafficMode) -> RouteTable {
+        self.outbound_mode = mode;
+        self
     }
 
     /// What was ignored while building, one line each.
