@@ -13,7 +13,7 @@
 //! holds up the accept loop; the verified peer identity goes into every request's extensions
 //! as a [`mesh_core::Identity`].
 //!
-//! Every HTTP listener applies the Bootstrap's `limits` ([`http_builder`], [`serve_http`]):
+//! Every HTTP listener applies the Bootstrap's `limits` ([`http_builder`], `serve_http`):
 //! request heads over the byte or count budget are refused `431` by hyper's parser (Envoy's
 //! 60 KiB and 100 headers by default); a head not complete within the read timeout (15 s)
 //! ends the connection (slowloris); HTTP/2 clients get a bounded number of concurrent

@@ -2,7 +2,7 @@
 //!
 //! Why not `hyper_util`'s legacy `Client`: it keys its pool on the request URI's authority,
 //! so it could not both honour the balancer's choice of endpoint and keep the caller's
-//! `Host`/`:authority` intact. Here each endpoint owns its connections ([`EndpointPool`]),
+//! `Host`/`:authority` intact. Here each endpoint owns its connections (`EndpointPool`),
 //! which is also where connection limits, TLS origination and outlier state attach later.
 //!
 //! - HTTP/1.1: a list of connections per endpoint; a request takes one that is ready (its
