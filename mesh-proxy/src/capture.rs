@@ -95,6 +95,13 @@ impl ServiceAddresses {
         let mut by_addr = HashMap::new();
         let mut ranges = Vec::new();
         let services = config.services();
+        // Only the services the proxy's Sidecar lets it see.
+        let scope = crate::sidecar_listeners::egress_scope(config);
+        let sees = |sp: &ServicePort| {
+            scope
+                .as_ref()
+                .is_none_or(|hosts| hosts.iter().any(|h| h.matches(sp)))
+        };
         for entry in config.service_entries() {
             for address in &entry.spec.addresses {
                 // Validated at load: an IP address or a CIDR; a /32 (/128) is an address.
@@ -112,7 +119,9 @@ impl ServiceAddresses {
                         .hosts
                         .iter()
                         .find_map(|h| services.lookup(&h.to_ascii_lowercase(), number));
-                    let Some(sp) = found else { continue };
+                    let Some(sp) = found.filter(|sp| sees(sp)) else {
+                        continue;
+                    };
                     if net.prefix_len() == net.max_prefix_len() {
                         by_addr
                             .entry(SocketAddr::new(net.addr(), number))
@@ -125,13 +134,16 @@ impl ServiceAddresses {
         }
         // Narrowest first; among equals the first loaded (a stable sort keeps load order).
         ranges.sort_by_key(|(net, _, _)| std::cmp::Reverse(net.prefix_len()));
-        for sp in services.iter() {
+        for sp in services.iter().filter(|sp| sees(sp)) {
             for ep in &sp.endpoints {
                 by_addr.entry(ep.address).or_insert_with(|| sp.clone());
             }
         }
         let mut tls: HashMap<u16, Vec<Arc<ServicePort>>> = HashMap::new();
-        for sp in services.iter().filter(|sp| sp.protocol.is_tls()) {
+        for sp in services
+            .iter()
+            .filter(|sp| sp.protocol.is_tls() && sees(sp))
+        {
             tls.entry(sp.number).or_default().push(sp.clone());
         }
         for ports in tls.values_mut() {
@@ -447,6 +459,36 @@ spec:
         assert_eq!(at("10.200.0.1:3306").as_deref(), Some("other-port.example"));
         assert_eq!(at("10.200.0.1:80"), None);
         assert_eq!(at("192.168.0.1:5432"), None);
+    }
+
+    #[test]
+    fn a_sidecar_egress_scope_hides_the_addresses_of_services_outside_it() {
+        let yaml = [
+            "apiVersion: mesh-proxy/v1
+kind: Bootstrap
+metadata: { name: client, namespace: default }
+spec:
+  workload: { name: client, labels: { app: client } }
+  outbound: { listen: \"127.0.0.1:0\" }
+  admin: { listen: \"127.0.0.1:0\" }
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: { name: scope, namespace: default }
+spec:
+  egress: [{ hosts: [\"./seen.example\"] }]
+"
+            .to_string(),
+            entry("seen", "seen.example", "10.1.0.0/16", 5432, "TCP"),
+            entry("hidden", "hidden.example", "10.2.0.1", 5432, "TCP"),
+            entry("hidden-tls", "*.hidden.example", "", 443, "TLS"),
+        ]
+        .concat();
+        let config = load_sources(&[Source::new("t.yaml", yaml)]).unwrap();
+        let addresses = ServiceAddresses::build(&config);
+        assert!(addresses.get("10.1.2.3:5432".parse().unwrap()).is_some());
+        assert!(addresses.get("10.2.0.1:5432".parse().unwrap()).is_none());
+        assert!(!addresses.has_tls_port(443));
     }
 
     #[test]

@@ -42,8 +42,10 @@
 //! inheritance, the workload's Sidecar, its namespace's, the root namespace's. Its
 //! `egressProxy` is not applied.
 //!
-//! Egress entries without a port (the scope of the catch-all listener: which services the
-//! proxy sees) and `inboundConnectionPool` are not applied.
+//! **Scope.** Egress entries without a port (the catch-all) name the services the proxy sees
+//! at all ([`egress_scope`]): the route table routes no other host (`404 NR`, or passthrough
+//! for a captured connection under `ALLOW_ANY`), and captured TCP knows no other service's
+//! address. `inboundConnectionPool` is not applied.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -56,7 +58,7 @@ use mesh_core::config::networking::{
     CaptureMode, EgressListener, IngressListener, OutboundTrafficMode,
 };
 use mesh_core::config::{MeshConfig, Protocol, ServicePort, Sidecar};
-use mesh_core::host::{HostName, wildcard_matches};
+use mesh_routing::HostPattern;
 use mesh_tls::acceptor::MtlsAcceptor;
 use mesh_tls::authz::AuthorizationPolicies;
 use mesh_tls::credentials::Credentials;
@@ -106,6 +108,27 @@ pub fn select(config: &MeshConfig) -> Option<&Sidecar> {
         );
     }
     chosen.first().copied()
+}
+
+/// The services the proxy sees, as its Sidecar's catch-all egress entries (those without a
+/// port) name them: their `hosts`, parsed. `None` when the Sidecar has no such entry, or
+/// there is no Sidecar: the proxy sees every service exported to it.
+pub fn egress_scope(config: &MeshConfig) -> Option<Vec<HostPattern>> {
+    let sidecar = select(config)?;
+    let proxy = config.proxy_namespace();
+    let mut catch_all = sidecar
+        .spec
+        .egress
+        .iter()
+        .filter(|e| e.port.is_none())
+        .peekable();
+    catch_all.peek()?;
+    Some(
+        catch_all
+            .flat_map(|e| &e.hosts)
+            .map(|h| HostPattern::parse(h, sidecar.namespace(), proxy))
+            .collect(),
+    )
 }
 
 /// The outbound traffic policy mode the Sidecars give this proxy, if one does: the first
@@ -401,64 +424,6 @@ fn app_protocol(protocol: Protocol) -> Option<AppProtocol> {
     }
 }
 
-/// One `hosts` entry of an egress listener: `namespace/dnsName`.
-#[derive(Debug)]
-struct HostPattern {
-    /// `None`: any namespace; `Some("")` never matches (`~`).
-    namespace: Option<String>,
-    name: NamePattern,
-}
-
-#[derive(Debug)]
-enum NamePattern {
-    Any,
-    /// `*.example.com`.
-    Wildcard(String),
-    /// A qualified host.
-    Exact(HostName),
-}
-
-impl HostPattern {
-    /// `own`: the Sidecar's namespace (`.`); short names qualify in the entry's namespace,
-    /// else in `proxy`'s.
-    fn parse(text: &str, own: &str, proxy: &str) -> HostPattern {
-        let (ns, dns) = text.split_once('/').unwrap_or(("*", text));
-        let namespace = match ns {
-            "*" => None,
-            "." => Some(own.to_string()),
-            "~" => Some(String::new()),
-            ns => Some(ns.to_string()),
-        };
-        let name = match dns {
-            "*" => NamePattern::Any,
-            d if d.starts_with("*.") => NamePattern::Wildcard(d.to_ascii_lowercase()),
-            d => {
-                let qualify_in = match namespace.as_deref() {
-                    Some(ns) if !ns.is_empty() => ns,
-                    _ => proxy,
-                };
-                NamePattern::Exact(HostName::qualify(d, qualify_in))
-            }
-        };
-        HostPattern { namespace, name }
-    }
-
-    fn matches(&self, service: &ServicePort) -> bool {
-        if let Some(ns) = &self.namespace
-            && *ns != service.namespace
-        {
-            return false;
-        }
-        match &self.name {
-            NamePattern::Any => true,
-            // A wildcard service host (`*.example.com`) is selected by the same pattern or a
-            // broader one (`*.com`), as Istio compares wildcard hosts.
-            NamePattern::Wildcard(pattern) => wildcard_matches(pattern, service.host.as_str()),
-            NamePattern::Exact(host) => *host == service.host,
-        }
-    }
-}
-
 /// An opaque-TCP egress listener: which service its connections go to, re-resolved for each
 /// new config snapshot.
 struct EgressTcp {
@@ -530,22 +495,7 @@ impl EgressTcp {
     }
 
     fn hosts_text(&self) -> Vec<String> {
-        self.hosts
-            .iter()
-            .map(|h| {
-                let ns = match h.namespace.as_deref() {
-                    None => "*",
-                    Some("") => "~",
-                    Some(ns) => ns,
-                };
-                let name = match &h.name {
-                    NamePattern::Any => "*".to_string(),
-                    NamePattern::Wildcard(w) => w.clone(),
-                    NamePattern::Exact(host) => host.to_string(),
-                };
-                format!("{ns}/{name}")
-            })
-            .collect()
+        self.hosts.iter().map(ToString::to_string).collect()
     }
 
     /// The service for a new connection, from the current snapshot (resolved once per
@@ -644,30 +594,6 @@ spec:
         assert_eq!(select(&c).map(|s| s.name()), Some("wide"));
         let c = config(&SIDECARS.replace("namespace: shop", "namespace: other"));
         assert!(select(&c).is_none());
-    }
-
-    fn service(host: &str, namespace: &str, port: u16) -> ServicePort {
-        let mut sp = ServicePort::new(HostName::qualify(host, namespace), port, Protocol::Tcp);
-        sp.namespace = namespace.to_string();
-        sp
-    }
-
-    #[test]
-    fn host_patterns_follow_istio() {
-        let p = |t: &str| HostPattern::parse(t, "shop", "shop");
-        let mysql = service("mysql", "db", 3306);
-        let reviews = service("reviews", "shop", 9080);
-        assert!(p("*/mysql.db.svc.cluster.local").matches(&mysql));
-        assert!(
-            p("db/mysql").matches(&mysql),
-            "short names qualify in the entry's namespace"
-        );
-        assert!(!p("./mysql").matches(&mysql));
-        assert!(p("./reviews").matches(&reviews));
-        assert!(p("shop/*").matches(&reviews));
-        assert!(!p("shop/*").matches(&mysql));
-        assert!(p("*/*.svc.cluster.local").matches(&mysql));
-        assert!(!p("~/*").matches(&mysql));
     }
 
     #[test]

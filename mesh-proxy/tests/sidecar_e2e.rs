@@ -594,3 +594,56 @@ spec:
     assert_eq!(ejected.len(), 1, "one balanced set: {metrics}");
     assert!(ejected[0].ends_with("} 1"), "{metrics}");
 }
+
+/// An Istio Sidecar's catch-all egress entry (no port) scopes what the proxy sees: a
+/// service outside its `hosts` is unknown (`404 NR`, no app reached); a config change that
+/// widens the scope applies to the next request.
+#[tokio::test]
+async fn a_sidecar_egress_scope_hides_the_services_outside_it() {
+    let reviews = App::start("reviews").await;
+    let ratings = App::start("ratings").await;
+    let yaml = |hosts: &str| {
+        format!(
+            "{}{}{}---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{ name: scope, namespace: default }}
+spec:
+  egress:
+  - hosts: [{hosts}]
+",
+            bootstrap("client", None),
+            service_entry("reviews", 9080, "HTTP", &[reviews.addr]),
+            service_entry("ratings", 9080, "HTTP", &[ratings.addr]),
+        )
+    };
+    let proxy = start_proxy(&yaml("\"./reviews\"")).await;
+    let outbound = proxy.outbound_addr().unwrap();
+    let client = http1_client();
+    let resp = client
+        .request(get(outbound, "reviews:9080", "/"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    text(resp).await;
+    let resp = client
+        .request(get(outbound, "ratings:9080", "/"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(resp.headers()["x-mesh-response-flags"], "NR");
+    text(resp).await;
+    assert_eq!(ratings.received.load(Ordering::SeqCst), 0);
+
+    proxy
+        .apply_config(support::load(&yaml("\"./reviews\", \"default/ratings\"")))
+        .unwrap();
+    let resp = client
+        .request(get(outbound, "ratings:9080", "/"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    text(resp).await;
+    assert_eq!(ratings.received.load(Ordering::SeqCst), 1);
+    proxy.shutdown().await;
+}

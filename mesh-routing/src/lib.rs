@@ -96,10 +96,12 @@ mod policy;
 mod redirect;
 mod rewrite;
 mod route;
+mod scope;
 mod table;
 mod tcp;
 
 pub use authority::request_authority;
 pub use layer::{ResponseFuture, Route, RouteLayer};
 pub use mirror::{DEFAULT_MIRROR_TIMEOUT, SHADOW_BUFFER_FRAMES};
+pub use scope::HostPattern;
 pub use table::{RouteTable, Selection, SourceContext};

@@ -55,6 +55,7 @@ use crate::destination::{Destinations, Resolver};
 use crate::headers::HeaderRules;
 use crate::matcher::{MatchBlock, QuickKey, QuickPrefix, RequestView};
 use crate::route::RouteRule;
+use crate::scope::HostPattern;
 use crate::tcp::{TcpBlock, TcpRoutes, TcpRule};
 
 /// Who this proxy is, as far as routing cares.
@@ -69,6 +70,10 @@ pub struct SourceContext {
     /// The gateways this proxy is, as `namespace/name`; empty for a sidecar (Istio's implicit
     /// `mesh`).
     pub gateways: Vec<String>,
+    /// The services a sidecar sees, as its Istio `Sidecar`'s catch-all egress entry (the one
+    /// without a port) names them; `None`: every service exported to it. Hosts outside are
+    /// not routed: unknown to the proxy, as Istio leaves them out of the sidecar's config.
+    pub egress_hosts: Option<Vec<HostPattern>>,
 }
 
 impl SourceContext {
@@ -78,6 +83,7 @@ impl SourceContext {
             namespace: namespace.into(),
             labels,
             gateways: Vec::new(),
+            egress_hosts: None,
         }
     }
 
@@ -91,6 +97,20 @@ impl SourceContext {
                 .map(|b| b.spec.workload.labels.clone())
                 .unwrap_or_default(),
         )
+    }
+
+    /// Whether the sidecar's egress scope takes `service`.
+    fn sees(&self, service: &ServicePort) -> bool {
+        self.egress_hosts
+            .as_ref()
+            .is_none_or(|hosts| hosts.iter().any(|h| h.matches(service)))
+    }
+
+    /// Whether the sidecar's egress scope takes `host`, declared in `namespace`.
+    fn sees_host(&self, namespace: &str, host: &HostName) -> bool {
+        self.egress_hosts
+            .as_ref()
+            .is_none_or(|hosts| hosts.iter().any(|h| h.matches_host(namespace, host)))
     }
 
     /// Whether a VirtualService in `namespace` naming `gateway` addresses this proxy.
@@ -526,6 +546,9 @@ impl<'a> Builder<'a> {
         let mut named = Vec::new();
         for service in registry.iter() {
             service_hosts.insert(service.host.as_str());
+            if !self.source.sees(service) {
+                continue;
+            }
             let serving = vs_for(service.host.as_str());
             let routes = serving
                 .and_then(|i| self.routes_for(i, service.number))
@@ -557,8 +580,12 @@ impl<'a> Builder<'a> {
             } else {
                 service_hosts.contains(host)
             };
-            if !known && let Some(routes) = self.routes_for(i, 80) {
-                let name = HostName::qualify(host, self.virtual_services[i].namespace());
+            let vs_namespace = self.virtual_services[i].namespace();
+            let name = HostName::qualify(host, vs_namespace);
+            if !known
+                && self.source.sees_host(vs_namespace, &name)
+                && let Some(routes) = self.routes_for(i, 80)
+            {
                 let vhost = Arc::new(VirtualHost {
                     name: format!("{host}:80").into(),
                     routes,

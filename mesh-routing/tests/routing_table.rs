@@ -453,3 +453,34 @@ spec:
     h.ok(get("reviews:9080", "/other")).await;
     assert_eq!(subset(&h), "v1");
 }
+
+#[test]
+fn a_sidecar_egress_scope_leaves_other_hosts_unrouted() {
+    let rules = vs(
+        "external",
+        "api.example.com",
+        "  - route: [{ destination: { host: details } }]\n",
+    );
+    let scoped = |hosts: &[&str]| {
+        let mut source = productpage();
+        source.egress_hosts = Some(
+            hosts
+                .iter()
+                .map(|h| mesh_routing::HostPattern::parse(h, "default", "default"))
+                .collect(),
+        );
+        RouteTable::build(&config(&rules), &source)
+    };
+    let t = scoped(&["./reviews"]);
+    assert!(t.select(&get("reviews:9080", "/")).is_ok());
+    for host in ["ratings:9080", "details:9080", "api.example.com"] {
+        let err = t.select(&get(host, "/")).unwrap_err();
+        assert_eq!(err.flags(), ResponseFlags::NO_ROUTE_FOUND, "{host}");
+    }
+    // A VirtualService host outside the registry is seen by its own namespace and name.
+    let t = scoped(&["./reviews", "*/*.example.com"]);
+    assert!(t.select(&get("api.example.com", "/")).is_ok());
+    // No scope: everything exported to the proxy.
+    let t = RouteTable::build(&config(&rules), &productpage());
+    assert!(t.select(&get("ratings:9080", "/")).is_ok());
+}
