@@ -28,6 +28,7 @@ use crate::headers::HeaderRules;
 use mesh_core::config::exported_to;
 use mesh_core::host::wildcard_matches;
 
+use crate::scope::HostPattern;
 use crate::table::SourceContext;
 
 /// Where a destination sends requests: a target, or why there is none.
@@ -106,6 +107,9 @@ pub(crate) struct Resolver<'a> {
     cache: HashMap<TargetKey, Result<Shared, Arc<str>>>,
     default_retry: Arc<RetryPolicy>,
     no_retry: Arc<RetryPolicy>,
+    /// The Sidecar egress scope (`SourceContext::egress_hosts`): a destination outside it has
+    /// no cluster on this proxy, as Istio pushes none.
+    egress_hosts: Option<Vec<HostPattern>>,
 }
 
 type TargetKey = (String, u16, Option<String>);
@@ -143,6 +147,7 @@ impl<'a> Resolver<'a> {
             cache: HashMap::new(),
             default_retry: Arc::new(RetryPolicy::istio_default()),
             no_retry: Arc::new(RetryPolicy::none()),
+            egress_hosts: source.egress_hosts.clone(),
         }
     }
 
@@ -210,6 +215,17 @@ impl<'a> Resolver<'a> {
             };
             return Target::Missing(message.into());
         };
+        if let Some(hosts) = &self.egress_hosts
+            && !hosts.iter().any(|h| h.matches(service))
+        {
+            return Target::Missing(
+                format!(
+                    "no cluster: {}:{port} is outside this proxy's Sidecar egress hosts",
+                    service.host
+                )
+                .into(),
+            );
+        }
         self.target(service, &dest.host, dest.subset.as_deref(), timeout, retry)
     }
 

@@ -454,8 +454,8 @@ spec:
     assert_eq!(subset(&h), "v1");
 }
 
-#[test]
-fn a_sidecar_egress_scope_leaves_other_hosts_unrouted() {
+#[tokio::test]
+async fn a_sidecar_egress_scope_leaves_other_hosts_unrouted() {
     let rules = vs(
         "external",
         "api.example.com",
@@ -477,9 +477,17 @@ fn a_sidecar_egress_scope_leaves_other_hosts_unrouted() {
         let err = t.select(&get(host, "/")).unwrap_err();
         assert_eq!(err.flags(), ResponseFlags::NO_ROUTE_FOUND, "{host}");
     }
-    // A VirtualService host outside the registry is seen by its own namespace and name.
+    // A VirtualService host outside the registry is seen by its own namespace and name; its
+    // route to a service outside the scope has no cluster (`NC` when forwarded).
     let t = scoped(&["./reviews", "*/*.example.com"]);
     assert!(t.select(&get("api.example.com", "/")).is_ok());
+    let h = Harness::with(
+        t,
+        std::sync::Arc::new(|_: &mesh_core::target::RouteTarget| Answer::Ok),
+    );
+    let (flags, status, message) = h.fails(get("api.example.com", "/")).await;
+    assert_eq!((flags, status), (ResponseFlags::NO_CLUSTER_FOUND, 503));
+    assert!(message.contains("Sidecar egress hosts"), "{message}");
     // No scope: everything exported to the proxy.
     let t = RouteTable::build(&config(&rules), &productpage());
     assert!(t.select(&get("ratings:9080", "/")).is_ok());
