@@ -757,6 +757,9 @@ async fn connection(
     watcher: Watcher,
 ) {
     let name = &shared.gateway.name;
+    // The address the client reached (the listener's own may be 0.0.0.0): what `tls`/`tcp`
+    // routes match `destinationSubnets` against.
+    let local = stream.local_addr().unwrap_or(shared.local);
     let tls = match &shared.gateway.kind {
         ListenerKind::Plain(router) => {
             let router = router.clone();
@@ -766,14 +769,9 @@ async fn connection(
         ListenerKind::Tls(tls) => tls,
         ListenerKind::Tcp => {
             // Logged and counted inside, naming the route or its absence.
-            let _ = crate::tcp_out::proxy_gateway_connection(
-                stream,
-                remote,
-                shared.local,
-                None,
-                &shared.tcp,
-            )
-            .await;
+            let _ =
+                crate::tcp_out::proxy_gateway_connection(stream, remote, local, None, &shared.tcp)
+                    .await;
             return;
         }
     };
@@ -819,7 +817,7 @@ async fn connection(
             let _ = crate::tcp_out::proxy_gateway_connection(
                 io,
                 remote,
-                shared.local,
+                local,
                 sni.as_deref(),
                 &shared.tcp,
             )

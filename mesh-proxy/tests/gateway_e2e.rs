@@ -719,3 +719,47 @@ spec:
     assert!(rest.is_empty(), "{rest:?}");
     proxy.shutdown().await;
 }
+
+/// On a gateway bound to every address, a `tcp` route's `destinationSubnets` match the
+/// address the client reached (here loopback), not the listener's `0.0.0.0`.
+#[tokio::test]
+async fn a_gateway_tcp_route_matches_the_address_the_client_reached() {
+    let v1 = support::tcp::speaks_first("v1\n").await;
+    let v2 = support::tcp::speaks_first("v2\n").await;
+    let (proxy, addr) = start_gateway(|port| {
+        format!(
+            "{}{}---
+{}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: tcp-echo }}
+spec:
+  hosts: [\"*\"]
+  gateways: [my-gateway]
+  tcp:
+  - match: [{{ port: {port}, destinationSubnets: [127.0.0.0/8] }}]
+    route: [{{ destination: {{ host: tcp-echo, port: {{ number: 9000 }}, subset: v2 }} }}]
+",
+            gateway_bootstrap(),
+            gateway(&format!(
+                "  - port: {{ number: {port}, name: tcp, protocol: TCP }}
+    hosts: [\"*\"]
+"
+            )),
+            support::tcp::two_versions("tcp-echo", 9000, "TCP", [v1, v2]),
+        )
+    })
+    .await;
+    assert!(addr.ip().is_unspecified(), "{addr}");
+    let mut conn = TcpStream::connect(("127.0.0.1", addr.port()))
+        .await
+        .unwrap();
+    let mut hello = [0u8; 3];
+    tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut hello))
+        .await
+        .expect("routed by the loopback destination")
+        .unwrap();
+    assert_eq!(&hello, b"v2\n");
+    drop(conn);
+    proxy.shutdown().await;
+}
