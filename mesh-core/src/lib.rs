@@ -28,6 +28,7 @@ pub mod health;
 pub mod host;
 pub mod identity;
 pub mod labels;
+pub mod net;
 pub mod stream_info;
 pub mod target;
 

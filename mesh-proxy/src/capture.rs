@@ -19,14 +19,13 @@
 //! `REGISTRY_ONLY`. The proxy never resolves a client-supplied host on its own.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use futures::future::{BoxFuture, Either};
 use http::{Request, Response, StatusCode};
-use ipnet::IpNet;
 use mesh_core::ProxyError;
 use mesh_core::body::{BoxBody, BoxError};
 use mesh_core::config::MeshConfig;
@@ -34,6 +33,7 @@ use mesh_core::config::ServicePort;
 use mesh_core::config::networking::OutboundTrafficMode;
 use mesh_core::conn::OriginalDestination;
 use mesh_core::host::wildcard_matches;
+use mesh_core::net::{IpNet, parse_ip_net};
 use mesh_core::target::UpstreamTarget;
 use mesh_routing::RouteTable;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -91,26 +91,18 @@ pub struct ServiceAddresses {
 }
 
 impl ServiceAddresses {
-    pub fn build(config: &MeshConfig) -> ServiceAddresses {
+    /// The addresses of `config`'s services that `routes` (the route table built from it
+    /// for this proxy) sees: a Sidecar egress scope hides the others.
+    pub fn build(config: &MeshConfig, routes: &RouteTable) -> ServiceAddresses {
         let mut by_addr = HashMap::new();
         let mut ranges = Vec::new();
         let services = config.services();
-        // Only the services the proxy's Sidecar lets it see.
-        let scope = crate::sidecar_listeners::egress_scope(config);
-        let sees = |sp: &ServicePort| {
-            scope
-                .as_ref()
-                .is_none_or(|hosts| hosts.iter().any(|h| h.matches(sp)))
-        };
+        let sees = |sp: &ServicePort| routes.sees(sp);
         for entry in config.service_entries() {
             for address in &entry.spec.addresses {
                 // Validated at load: an IP address or a CIDR; a /32 (/128) is an address.
-                let net = match address.parse::<IpNet>() {
-                    Ok(net) => net.trunc(),
-                    Err(_) => match address.parse::<IpAddr>() {
-                        Ok(ip) => IpNet::from(ip),
-                        Err(_) => continue,
-                    },
+                let Some(net) = parse_ip_net(address) else {
+                    continue;
                 };
                 for port in &entry.spec.ports {
                     let number = port.number.get();
@@ -286,7 +278,7 @@ pub struct CapturedTcp {
 impl CapturedTcp {
     pub fn new(config: Arc<ArcSwap<MeshConfig>>, tcp: Arc<OutboundTcp>) -> CapturedTcp {
         let first = config.load_full();
-        let addresses = ServiceAddresses::build(&first);
+        let addresses = ServiceAddresses::build(&first, &tcp.routes());
         CapturedTcp {
             addresses: ArcSwap::from_pointee((first, addresses)),
             config,
@@ -307,7 +299,9 @@ impl CapturedTcp {
             return current;
         }
         // A reload swapped the config: index the new one (once; racing builders agree).
-        let rebuilt = Arc::new((config.clone(), ServiceAddresses::build(&config)));
+        // The routes are swapped in before the config (`proxy.rs`), so they are this config's.
+        let addresses = ServiceAddresses::build(&config, &self.tcp.routes());
+        let rebuilt = Arc::new((config, addresses));
         self.addresses.store(rebuilt.clone());
         rebuilt
     }
@@ -315,7 +309,7 @@ impl CapturedTcp {
     /// Whether opaque TCP to `addr`, a destination no service claims, may pass: the mode
     /// the route table of the config in force carries (see [`outbound_mode`]).
     pub fn passthrough_allowed(&self) -> bool {
-        self.tcp.outbound_mode() == OutboundTrafficMode::AllowAny
+        self.tcp.routes().outbound_mode() == OutboundTrafficMode::AllowAny
     }
 }
 
@@ -357,12 +351,13 @@ pub async fn opaque(
     // Failures are logged (naming service and endpoint) by the TCP path itself. The
     // original destination is the address the client dialled, for the TCP routes'
     // `destinationSubnets`, and where `resolution: NONE` services' connections go.
-    if let Some(service) = tcp.service_at(original) {
+    let addresses = tcp.addresses();
+    if let Some(service) = addresses.1.get(original).cloned() {
+        drop(addresses);
         tracing::trace!(%remote, %original, service = %service.host, "captured TCP to a mesh service");
         let _ = proxy_captured(client, remote, original, service, &tcp.tcp).await;
         return;
     }
-    let addresses = tcp.addresses();
     if !(tls && addresses.1.has_tls_port(original.port())) {
         return unknown(client, remote, original, tcp).await;
     }
@@ -438,7 +433,7 @@ spec:
         ]
         .concat();
         let config = load_sources(&[Source::new("t.yaml", yaml)]).unwrap();
-        let addresses = ServiceAddresses::build(&config);
+        let addresses = ServiceAddresses::build(&config, &crate::proxy::build_routes(&config));
         let at = |addr: &str| {
             addresses
                 .get(addr.parse().unwrap())
@@ -485,7 +480,7 @@ spec:
         ]
         .concat();
         let config = load_sources(&[Source::new("t.yaml", yaml)]).unwrap();
-        let addresses = ServiceAddresses::build(&config);
+        let addresses = ServiceAddresses::build(&config, &crate::proxy::build_routes(&config));
         assert!(addresses.get("10.1.2.3:5432".parse().unwrap()).is_some());
         assert!(addresses.get("10.2.0.1:5432".parse().unwrap()).is_none());
         assert!(!addresses.has_tls_port(443));
@@ -501,7 +496,7 @@ spec:
         ]
         .concat();
         let config = load_sources(&[Source::new("t.yaml", yaml)]).unwrap();
-        let addresses = ServiceAddresses::build(&config);
+        let addresses = ServiceAddresses::build(&config, &crate::proxy::build_routes(&config));
         let by = |sni: &str, port: u16| {
             addresses
                 .by_sni(sni, port)

@@ -748,7 +748,7 @@ fn build_security(config: &MeshConfig) -> (PeerAuthenticationPolicy, Authorizati
 /// Compiles the routes of `config` for this proxy (its namespace and workload labels, the
 /// Gateways that select it: their bound VirtualServices, not the `mesh` ones; its Sidecar's
 /// egress scope and outbound traffic policy).
-fn build_routes(config: &MeshConfig) -> RouteTable {
+pub(crate) fn build_routes(config: &MeshConfig) -> RouteTable {
     let mut source = SourceContext::from_config(config);
     source.gateways = crate::gateway::gateway_names(config);
     source.egress_hosts = crate::sidecar_listeners::egress_scope(config);

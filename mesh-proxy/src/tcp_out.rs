@@ -168,9 +168,9 @@ impl OutboundTcp {
         self.config.load_full()
     }
 
-    /// The outbound traffic policy mode of the route table in force.
-    pub fn outbound_mode(&self) -> mesh_core::config::networking::OutboundTrafficMode {
-        self.routes.load().outbound_mode()
+    /// The route table in force.
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.routes.load_full()
     }
 
     /// The target of a connection from `client` to `service` (`sni`: its ClientHello's).

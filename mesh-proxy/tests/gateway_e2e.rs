@@ -649,6 +649,31 @@ async fn a_taken_gateway_port_fails_the_start_naming_the_listener() {
     assert!(matches!(err, StartError::GatewayBind { .. }), "{err:?}");
 }
 
+/// A gateway with one `TCP` server on `port` (`bind` YAML line, maybe empty), the
+/// two-version `tcp-echo` service on 9000, and a VirtualService bound to the gateway whose
+/// `tcp` routes are `routes` (YAML list items).
+fn tcp_gateway(port: u16, bind: &str, [v1, v2]: [SocketAddr; 2], routes: &str) -> String {
+    format!(
+        "{}{}---
+{}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: tcp-echo }}
+spec:
+  hosts: [\"*\"]
+  gateways: [my-gateway]
+  tcp:
+{routes}",
+        gateway_bootstrap(),
+        gateway(&format!(
+            "  - port: {{ number: {port}, name: tcp, protocol: TCP }}
+{bind}    hosts: [\"*\"]
+"
+        )),
+        support::tcp::two_versions("tcp-echo", 9000, "TCP", [v1, v2]),
+    )
+}
+
 /// Istio's TCP traffic shifting through the ingress gateway: a `TCP` Gateway server, and a
 /// VirtualService bound to it whose `tcp` route for that port splits connections 80/20
 /// between two subsets; then a config whose route names another port leaves this one
@@ -658,29 +683,17 @@ async fn a_tcp_gateway_server_shifts_connections_by_weight() {
     let v1 = support::tcp::speaks_first("v1\n").await;
     let v2 = support::tcp::speaks_first("v2\n").await;
     let yaml = |port: u16, route_port: u16| {
-        format!(
-            "{}{}---
-{}---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{ name: tcp-echo }}
-spec:
-  hosts: [\"*\"]
-  gateways: [my-gateway]
-  tcp:
-  - match: [{{ port: {route_port} }}]
+        tcp_gateway(
+            port,
+            "    bind: 127.0.0.1\n",
+            [v1, v2],
+            &format!(
+                "  - match: [{{ port: {route_port} }}]
     route:
     - {{ destination: {{ host: tcp-echo, port: {{ number: 9000 }}, subset: v1 }}, weight: 80 }}
     - {{ destination: {{ host: tcp-echo, port: {{ number: 9000 }}, subset: v2 }}, weight: 20 }}
-",
-            gateway_bootstrap(),
-            gateway(&format!(
-                "  - port: {{ number: {port}, name: tcp, protocol: TCP }}
-    bind: 127.0.0.1
-    hosts: [\"*\"]
 "
-            )),
-            support::tcp::two_versions("tcp-echo", 9000, "TCP", [v1, v2]),
+            ),
         )
     };
     let (proxy, addr) = start_gateway(|port| yaml(port, port)).await;
@@ -727,26 +740,15 @@ async fn a_gateway_tcp_route_matches_the_address_the_client_reached() {
     let v1 = support::tcp::speaks_first("v1\n").await;
     let v2 = support::tcp::speaks_first("v2\n").await;
     let (proxy, addr) = start_gateway(|port| {
-        format!(
-            "{}{}---
-{}---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{ name: tcp-echo }}
-spec:
-  hosts: [\"*\"]
-  gateways: [my-gateway]
-  tcp:
-  - match: [{{ port: {port}, destinationSubnets: [127.0.0.0/8] }}]
+        tcp_gateway(
+            port,
+            "",
+            [v1, v2],
+            &format!(
+                "  - match: [{{ port: {port}, destinationSubnets: [127.0.0.0/8] }}]
     route: [{{ destination: {{ host: tcp-echo, port: {{ number: 9000 }}, subset: v2 }} }}]
-",
-            gateway_bootstrap(),
-            gateway(&format!(
-                "  - port: {{ number: {port}, name: tcp, protocol: TCP }}
-    hosts: [\"*\"]
 "
-            )),
-            support::tcp::two_versions("tcp-echo", 9000, "TCP", [v1, v2]),
+            ),
         )
     })
     .await;

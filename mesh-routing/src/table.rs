@@ -41,7 +41,7 @@ use std::sync::Arc;
 use http::Request;
 use mesh_core::config::networking::{
     HttpMatchRequest, HttpRoute, L4MatchAttributes, OutboundTrafficMode, RouteDestination,
-    VirtualService,
+    TlsMatchAttributes, VirtualService,
 };
 use mesh_core::config::{MeshConfig, ServicePort, exported_to};
 use mesh_core::conn::ClientInfo;
@@ -100,7 +100,7 @@ impl SourceContext {
     }
 
     /// Whether the sidecar's egress scope takes `service`.
-    fn sees(&self, service: &ServicePort) -> bool {
+    pub fn sees(&self, service: &ServicePort) -> bool {
         self.egress_hosts
             .as_ref()
             .is_none_or(|hosts| hosts.iter().any(|h| h.matches(service)))
@@ -140,6 +140,16 @@ impl SourceContext {
 
     /// [`selects`](Self::selects) for a `tcp` route's match block (Istio's `matchTCP`).
     fn selects_l4(&self, m: &L4MatchAttributes, vs_namespace: &str) -> bool {
+        self.selected_by(
+            &m.gateways,
+            &m.source_labels,
+            m.source_namespace.as_deref(),
+            vs_namespace,
+        )
+    }
+
+    /// [`selects`](Self::selects) for a `tls` route's match block.
+    fn selects_tls(&self, m: &TlsMatchAttributes, vs_namespace: &str) -> bool {
         self.selected_by(
             &m.gateways,
             &m.source_labels,
@@ -215,6 +225,9 @@ pub struct RouteTable {
     /// The Bootstrap's `outboundTrafficPolicy.mode`: what becomes of hosts no virtual host
     /// serves (the proxy's egress policy layer reads it with the table it goes with).
     outbound_mode: OutboundTrafficMode,
+    /// Who the table was built for: its Sidecar egress scope is what [`sees`](Self::sees)
+    /// answers from.
+    source: SourceContext,
     warnings: Vec<String>,
 }
 
@@ -244,12 +257,19 @@ impl RouteTable {
     /// [`warnings`](Self::warnings).
     pub fn build(config: &MeshConfig, source: &SourceContext) -> RouteTable {
         let mut table = Builder::new(config, source).build();
+        table.source = source.clone();
         table.outbound_mode = config
             .bootstrap()
             .map_or(OutboundTrafficMode::AllowAny, |b| {
                 b.spec.outbound_traffic_policy.mode
             });
         table
+    }
+
+    /// Whether the proxy the table was built for sees `service` (its Sidecar egress scope;
+    /// every service without one): what else that proxy knows by address must agree.
+    pub fn sees(&self, service: &ServicePort) -> bool {
+        self.source.sees(service)
     }
 
     /// The Bootstrap's `outboundTrafficPolicy.mode` (Istio's default `ALLOW_ANY` without one),
@@ -719,14 +739,7 @@ impl<'a> Builder<'a> {
                 .r#match
                 .iter()
                 .filter(|m| m.port.is_none_or(|p| p.get() == port))
-                .filter(|m| {
-                    self.source.selected_by(
-                        &m.gateways,
-                        &m.source_labels,
-                        m.source_namespace.as_deref(),
-                        vs.namespace(),
-                    )
-                })
+                .filter(|m| self.source.selects_tls(m, vs.namespace()))
                 .map(TcpBlock::compile_tls)
                 .collect();
             // A TLS route always has blocks (validated): none left, none can match.

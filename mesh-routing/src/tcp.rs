@@ -29,10 +29,10 @@
 
 use std::net::IpAddr;
 
-use ipnet::IpNet;
 use mesh_core::config::networking::{L4MatchAttributes, TlsMatchAttributes};
 use mesh_core::conn::ClientInfo;
 use mesh_core::host::wildcard_matches;
+use mesh_core::net::{IpNet, parse_ip_net};
 use mesh_core::target::RouteTarget;
 use mesh_core::{ProxyError, ResponseFlags};
 
@@ -71,12 +71,8 @@ impl TcpBlock {
     pub(crate) fn compile(m: &L4MatchAttributes) -> TcpBlock {
         TcpBlock {
             sni_hosts: None,
-            destination_subnets: m
-                .destination_subnets
-                .iter()
-                .filter_map(|s| parse_net(s))
-                .collect(),
-            source_subnet: m.source_subnet.as_deref().and_then(parse_net),
+            destination_subnets: nets(&m.destination_subnets),
+            source_subnet: m.source_subnet.as_deref().and_then(parse_ip_net),
         }
     }
 
@@ -89,11 +85,7 @@ impl TcpBlock {
                     .map(|h| h.to_ascii_lowercase().into_boxed_str())
                     .collect(),
             ),
-            destination_subnets: m
-                .destination_subnets
-                .iter()
-                .filter_map(|s| parse_net(s))
-                .collect(),
+            destination_subnets: nets(&m.destination_subnets),
             source_subnet: None,
         }
     }
@@ -180,18 +172,16 @@ impl TcpRoutes {
     }
 }
 
+/// `destinationSubnets`, parsed (validated at load; what does not parse is left out rather
+/// than matching everything).
+fn nets(subnets: &[String]) -> Box<[IpNet]> {
+    subnets.iter().filter_map(|s| parse_ip_net(s)).collect()
+}
+
 /// What a connection is matched on.
 struct Connection<'a> {
     source: IpAddr,
     destination: IpAddr,
     /// The ClientHello's server name, lower case.
     sni: Option<&'a str>,
-}
-
-/// An IP address or CIDR, host bits cleared.
-fn parse_net(text: &str) -> Option<IpNet> {
-    match text.parse::<IpNet>() {
-        Ok(net) => Some(net.trunc()),
-        Err(_) => text.parse::<IpAddr>().ok().map(IpNet::from),
-    }
 }

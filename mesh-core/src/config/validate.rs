@@ -1204,17 +1204,7 @@ fn ips(out: &mut Issues, path: &str, values: &[String]) {
 }
 
 fn is_ip_or_cidr(text: &str) -> bool {
-    let (ip, prefix) = match text.split_once('/') {
-        Some((ip, prefix)) => (ip, Some(prefix)),
-        None => (text, None),
-    };
-    match ip.parse::<IpAddr>() {
-        Ok(ip) => prefix.is_none_or(|p| {
-            p.parse::<u8>()
-                .is_ok_and(|p| p <= if ip.is_ipv4() { 32 } else { 128 })
-        }),
-        Err(_) => false,
-    }
+    crate::net::parse_ip_net(text).is_some()
 }
 
 #[cfg(test)]

@@ -16,7 +16,8 @@ use mesh_core::config::AuthorizationPolicy;
 use mesh_core::config::security::{AuthorizationAction, Condition, Operation, Rule, RuleSource};
 
 use super::AuthzRequest;
-use super::matcher::{PathMatch, StrMatch, any_host, any_net, any_path, any_str, parse_net};
+use super::matcher::{PathMatch, StrMatch, any_host, any_net, any_path, any_str};
+use mesh_core::net::parse_ip_net;
 
 /// One compiled policy.
 #[derive(Debug)]
@@ -401,7 +402,7 @@ fn paths(list: &[String]) -> Result<Box<[PathMatch]>, Unsupported> {
 
 fn nets(list: &[String]) -> Result<Box<[IpNet]>, Unsupported> {
     list.iter()
-        .map(|s| parse_net(s).ok_or_else(|| Unsupported(format!("`{s}` is not an IP or CIDR"))))
+        .map(|s| parse_ip_net(s).ok_or_else(|| Unsupported(format!("`{s}` is not an IP or CIDR"))))
         .collect()
 }
 

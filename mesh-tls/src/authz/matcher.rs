@@ -176,14 +176,6 @@ pub(crate) fn any_path(list: &[PathMatch], path: &str) -> bool {
     list.iter().any(|m| m.matches(path))
 }
 
-/// Parses an IP or CIDR (validated at load; an invalid one is skipped by the caller).
-pub(crate) fn parse_net(text: &str) -> Option<IpNet> {
-    match text.parse::<IpNet>() {
-        Ok(net) => Some(net.trunc()),
-        Err(_) => text.parse::<IpAddr>().ok().map(IpNet::from),
-    }
-}
-
 /// True when `ip` is in one of `nets`. IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`, as a
 /// dual-stack listener reports IPv4 peers) are compared as IPv4.
 ///
@@ -198,6 +190,8 @@ pub(crate) fn any_net(nets: &[IpNet], ip: IpAddr) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use mesh_core::net::parse_ip_net;
+
     use super::*;
 
     #[test]
@@ -290,7 +284,7 @@ mod tests {
     fn ip_blocks() {
         let nets: Vec<IpNet> = ["10.0.0.0/8", "192.168.1.7", "2001:db8::/32"]
             .iter()
-            .filter_map(|s| parse_net(s))
+            .filter_map(|s| parse_ip_net(s))
             .collect();
         assert_eq!(nets.len(), 3);
         assert!(any_net(&nets, "10.1.2.3".parse().unwrap()));
@@ -300,7 +294,7 @@ mod tests {
         assert!(any_net(&nets, "::ffff:10.9.9.9".parse().unwrap()));
         assert!(!any_net(&nets, "11.0.0.1".parse().unwrap()));
         // Host bits set in a CIDR are ignored, as Envoy does.
-        let loose = parse_net("10.1.2.3/8").unwrap();
+        let loose = parse_ip_net("10.1.2.3/8").unwrap();
         assert!(any_net(&[loose], "10.200.0.1".parse().unwrap()));
     }
 }
